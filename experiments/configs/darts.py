@@ -1,0 +1,87 @@
+r"""DARTS search configs (Liu et al. 2019; quark0/darts `cnn/train_search.py`).
+
+Variants (`--config experiments/configs/darts.py:VARIANT`):
+
+* `cifar10`: the paper's search: CIFAR-10 train split halved into weights /
+  architecture, C=16, 8 cells, batch 64, 50 epochs, SGD 0.025 -> 0.001 cosine,
+  Adam 3e-4 on the alphas. `order` 'first' (the reference's default), 'second'
+  (the reference's `--unrolled`) or 'exact'. Needs tfds 'cifar10' prepared
+  under `data_dir` (nothing is downloaded).
+* `digits` (the default): the same algorithm on scikit-learn's 8x8 digits,
+  C=8, 5 cells, a few minutes on a 2-core CPU.
+* `tiny`: a smoke test: 3 cells of 4 channels, 2 epochs of 8 steps.
+
+Run:
+
+  python -m experiments.search --config experiments/configs/darts.py:cifar10 \
+      --workdir runs/darts-cifar10 --config.order=second
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = 'digits') -> ml_collections.ConfigDict:
+  """Returns the config of `variant` ('cifar10', 'digits' or 'tiny')."""
+  c = ml_collections.ConfigDict()
+  c.method = 'darts'
+  c.variant = variant
+  c.seed = 2                      # train_search.py --seed
+  # Data.
+  c.dataset = 'cifar10'
+  c.data_dir = ml_collections.config_dict.placeholder(str)
+  c.train_portion = 0.5           # weights half / architecture half
+  c.crop_padding = 4              # random crop after zero padding
+  c.flip = True                   # random horizontal flip
+  c.batch_size = 64
+  c.epochs = 50
+  c.max_steps_per_epoch = ml_collections.config_dict.placeholder(int)
+  # Network.
+  c.init_channels = 16
+  c.layers = 8
+  c.steps = 4                     # intermediate nodes per cell
+  c.multiplier = 4
+  c.stem_multiplier = 3
+  c.depthwise_impl = 'auto'       # see jaxnas.stacked_ops.DEPTHWISE_IMPLS
+  # Weights: SGD with momentum (train_search.py).
+  c.lr = 0.025
+  c.lr_min = 0.001                # paper says 0; the code uses 0.001
+  c.momentum = 0.9
+  c.weight_decay = 3e-4
+  c.grad_clip = 5.
+  # Architecture: Adam (architect.py).
+  c.order = 'first'               # 'first' | 'second' (finite diff.) | 'exact'
+  c.arch_lr = 3e-4
+  c.arch_b1 = 0.5
+  c.arch_b2 = 0.999
+  c.arch_weight_decay = 1e-3
+  c.arch_init_scale = 1e-3        # code: 1e-3 * randn; paper: zeros (use 0.)
+  c.fd_r = 0.01                   # R = fd_r / ||v|| (second order)
+  # Logging.
+  c.log_every_steps = 50
+  c.eval_batch_size = 256
+
+  if variant == 'cifar10':
+    pass
+  elif variant == 'digits':
+    c.dataset = 'digits'
+    c.crop_padding = 1
+    c.flip = False                # mirrored digits are other digits
+    c.batch_size = 32
+    c.epochs = 10
+    c.init_channels = 8
+    c.layers = 5
+    c.log_every_steps = 10
+  elif variant == 'tiny':
+    c.dataset = 'digits'
+    c.crop_padding = 1
+    c.flip = False
+    c.batch_size = 16
+    c.epochs = 2
+    c.max_steps_per_epoch = 8
+    c.init_channels = 4
+    c.layers = 3
+    c.log_every_steps = 4
+  else:
+    raise ValueError(f'unknown variant {variant!r}; known: cifar10, digits, '
+                     'tiny')
+  return c

@@ -1,0 +1,19 @@
+"""Datasets as in-memory arrays, and search batches as pure functions of step.
+
+Synopsis:
+
+  ds = load('digits')                            # or 'cifar10' via tfds
+  weights_half, arch_half = split(ds.train, 0.5)
+  batches = SearchBatches(weights_half, arch_half, batch_size=64, seed=2,
+                          augment=Augment(crop_padding=4, flip=True))
+  batch = batches.batch(step)    # {'train': {...}, 'val': {...}}
+"""
+
+from jaxnas.data.pipeline import Augment
+from jaxnas.data.pipeline import Dataset
+from jaxnas.data.pipeline import eval_batches
+from jaxnas.data.pipeline import SearchBatches
+from jaxnas.data.pipeline import Split
+from jaxnas.data.pipeline import split
+from jaxnas.data.sources import load
+from jaxnas.data.sources import SOURCES

@@ -1,0 +1,164 @@
+"""Search batches from in-memory arrays, reproducible from (seed, step) alone.
+
+The reference (quark0/darts `train_search.py`) feeds the weight step from a
+shuffled pass over one half of the training split and draws each architecture
+batch from a fresh shuffled iterator over the other half, with the training
+augmentation (random crop, horizontal flip) on both. Here:
+
+* weights batch at step t: epoch `t // steps_per_epoch` of a permutation seeded
+  by (seed, epoch), batch `t % steps_per_epoch` of it (the last partial batch
+  is dropped, as static shapes need);
+* architecture batch at step t: `batch_size` distinct examples drawn with a
+  generator seeded by (seed, t), i.e. a fresh random batch every step;
+* augmentation seeded by (seed, t) as well.
+
+So a batch is a pure function of (seed, step): a resumed search sees exactly
+the batches an uninterrupted one would, with no iterator state to save.
+Images are kept as uint8 or float arrays in their raw range and normalised per
+channel after augmentation (padding pixels are zero before normalisation, as
+torchvision's RandomCrop pads the raw image).
+"""
+
+import dataclasses
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """Images [N, H, W, C] (raw range) and integer labels [N]."""
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __post_init__(self):
+    if self.images.ndim != 4:
+      raise ValueError(f'images must be [N, H, W, C], got {self.images.shape}')
+    if len(self.images) != len(self.labels):
+      raise ValueError(f'{len(self.images)} images but {len(self.labels)} '
+                       'labels')
+
+  def __len__(self):
+    return len(self.labels)
+
+  def take(self, indices) -> 'Split':
+    return Split(self.images[indices], self.labels[indices])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A dataset's splits and the per-channel normalisation of its images."""
+  name: str
+  train: Split
+  test: Optional[Split]
+  num_classes: int
+  mean: Sequence[float]  # per channel, in the images' raw range
+  std: Sequence[float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """Training augmentation: random crop after zero padding, random h-flip."""
+  crop_padding: int = 4
+  flip: bool = True
+
+
+def split(data: Split, portion: float = 0.5):
+  """The first `portion` of `data` and the rest (the reference's order)."""
+  if not 0 < portion < 1:
+    raise ValueError(f'portion must be in (0, 1), got {portion}')
+  n = int(np.floor(portion * len(data)))
+  if n == 0 or n == len(data):
+    raise ValueError(f'portion {portion} of {len(data)} examples leaves an '
+                     'empty half')
+  return data.take(np.arange(n)), data.take(np.arange(n, len(data)))
+
+
+def normalise(images: np.ndarray, mean, std) -> np.ndarray:
+  mean = np.asarray(mean, np.float32)
+  std = np.asarray(std, np.float32)
+  return (images.astype(np.float32) - mean) / std
+
+
+def augment_batch(images: np.ndarray, rng: np.random.Generator,
+                  aug: Augment) -> np.ndarray:
+  """Random crop (zero padding `aug.crop_padding`) and horizontal flip."""
+  n, h, w, _ = images.shape
+  p = aug.crop_padding
+  if p:
+    padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+    dy = rng.integers(0, 2 * p + 1, n)
+    dx = rng.integers(0, 2 * p + 1, n)
+    rows = dy[:, None] + np.arange(h)[None]
+    cols = dx[:, None] + np.arange(w)[None]
+    images = padded[np.arange(n)[:, None, None], rows[:, :, None],
+                    cols[:, None, :]]
+  if aug.flip:
+    flip = rng.random(n) < 0.5
+    images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+  return images
+
+
+class SearchBatches:
+  """Weights / architecture batches of a bilevel search as functions of step.
+
+  Args:
+    weights_split: examples for the weight step.
+    arch_split: examples for the architecture step.
+    batch_size: global batch size of both.
+    seed: data seed.
+    augment: training augmentation, or None.
+    mean, std: per-channel normalisation.
+  """
+
+  def __init__(self, weights_split: Split, arch_split: Split, *,
+               batch_size: int, seed: int, augment: Optional[Augment],
+               mean, std):
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    for name, s in (('weights', weights_split), ('architecture', arch_split)):
+      if len(s) < batch_size:
+        raise ValueError(f'the {name} split has {len(s)} examples, fewer '
+                         f'than one batch of {batch_size}')
+    self.weights_split, self.arch_split = weights_split, arch_split
+    self.batch_size, self.seed, self.augment = batch_size, seed, augment
+    self.mean, self.std = mean, std
+    self.steps_per_epoch = len(weights_split) // batch_size
+
+  def _finish(self, data: Split, idx: np.ndarray, stream: int, step: int):
+    images = data.images[idx]
+    if self.augment is not None:
+      rng = np.random.default_rng([self.seed, stream, step])
+      images = augment_batch(images, rng, self.augment)
+    return {'image': normalise(images, self.mean, self.std),
+            'label': data.labels[idx].astype(np.int32)}
+
+  def weights_batch(self, step: int) -> dict:
+    epoch, i = divmod(step, self.steps_per_epoch)
+    perm = np.random.default_rng([self.seed, 0, epoch]).permutation(
+        len(self.weights_split))
+    idx = np.sort(perm[i * self.batch_size:(i + 1) * self.batch_size])
+    return self._finish(self.weights_split, idx, 2, step)
+
+  def arch_batch(self, step: int) -> dict:
+    rng = np.random.default_rng([self.seed, 1, step])
+    idx = np.sort(rng.choice(len(self.arch_split), self.batch_size,
+                             replace=False))
+    return self._finish(self.arch_split, idx, 3, step)
+
+  def batch(self, step: int) -> dict:
+    """`{'train': weights batch, 'val': architecture batch}` of `step`."""
+    return {'train': self.weights_batch(step), 'val': self.arch_batch(step)}
+
+
+def eval_batches(data: Split, batch_size: int, mean, std) -> Iterator[dict]:
+  """Fixed-shape batches over all of `data`; padding rows have label -1."""
+  for start in range(0, len(data), batch_size):
+    images = data.images[start:start + batch_size]
+    labels = data.labels[start:start + batch_size].astype(np.int32)
+    pad = batch_size - len(labels)
+    if pad:
+      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:],
+                                                images.dtype)])
+      labels = np.concatenate([labels, -np.ones(pad, np.int32)])
+    yield {'image': normalise(images, mean, std), 'label': labels}

@@ -1,0 +1,52 @@
+"""How the edges of a search cell combine the outputs of their candidate ops.
+
+An edge holds a list of candidate operations and receives one mixing weight per
+candidate from the caller (the network never owns architecture parameters).
+Methods differ only in the weights they feed:
+
+* DARTS, P-DARTS, GAEA: dense weights (softmax of logits, or simplex points).
+* DropNAS: weights that are exactly zero on dropped ops.
+
+The search cell evaluates each op for several edges at once (see
+`jaxnas.spaces.darts.SourceGroup`), so mixtures are formed here for a group of
+edges: `mix` sums `w[e, o] * op_o(x_e)` over the ops each edge offers.
+'none' is never computed: its output is zero, so it adds nothing to the value
+and nothing to any gradient except through the coupling of the weights
+themselves, which the caller's weight function already carries.
+"""
+
+from typing import Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+ZERO_OPS = ('none',)
+
+Term = Tuple[Sequence[int], jax.Array, jax.Array]
+
+
+def mix(terms: Sequence[Term], num_edges: int) -> jax.Array:
+  """Sums weighted op outputs into one mixture per edge.
+
+  Args:
+    terms: (rows, w, y) per op: the op's output `y` [len(rows), ...] on the
+      group's edges `rows`, weighted per row by `w` [len(rows)].
+    num_edges: edges in the group.
+
+  Returns:
+    [num_edges, ...] mixtures.
+
+  Raises:
+    ValueError: if no edge has a non-zero op.
+  """
+  if not terms:
+    raise ValueError('edges whose only candidate is "none" have no output '
+                     'shape; keep at least one other op')
+  shape = (num_edges,) + terms[0][2].shape[1:]
+  out = None
+  for rows, w, y in terms:
+    term = w.astype(y.dtype).reshape((-1,) + (1,) * (y.ndim - 1)) * y
+    if len(rows) != num_edges:  # only some edges offer this op
+      term = jnp.zeros(shape, y.dtype).at[jnp.asarray(rows)].set(term)
+    out = term if out is None else out + term
+  return out

@@ -1,0 +1,185 @@
+"""DARTS (Liu, Simonyan, Yang, ICLR 2019): bilevel search with softmax mixtures.
+
+Each step does, as quark0/darts `train_search.py` does:
+  1. an architecture step on the validation batch (first order, second order
+     with the reference's finite-difference Hessian-vector product, or second
+     order with the exact one), Adam on the alphas;
+  2. a weight step on the training batch, SGD on the weights.
+
+Synopsis:
+
+  net = SearchNetwork(C=16, num_classes=10, layers=8)
+  method = darts.make(net, order='first', steps_per_epoch=390)
+  state = method.init(jax.random.key(2), images[:1])
+  step = jax.jit(method.step, donate_argnums=0)
+  state, metrics = step(state, {'train': batch_w, 'val': batch_a})
+  print(method.derive(state))
+
+or, for use inside other JAX code, the module-level pure functions
+`arch_step`, `search_step` and `jaxnas.methods.base.weight_step` with their
+dependencies bound by `functools.partial`.
+"""
+
+import functools
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxnas import arch as arch_lib
+from jaxnas import hypergrad
+from jaxnas import optim
+from jaxnas import parallel
+from jaxnas.methods import base
+from jaxnas.spaces import genotype as genotype_lib
+
+ORDERS = ('first', 'second', 'exact')
+
+
+def arch_step(state: base.SearchState, train_batch, val_batch, *, loss_fn,
+              a_tx, order: str = 'first',
+              lr_schedule: Optional[optax.Schedule] = None,
+              momentum: float = 0.9, weight_decay: float = 3e-4,
+              fd_r: float = hypergrad.DARTS_FD_R, sync_bn: bool = True):
+  """One architecture update; the weights are left untouched.
+
+  Args:
+    state: current state.
+    train_batch: the weights' batch (used by second order only).
+    val_batch: the architecture's batch.
+    loss_fn: `(params, arch, batch_stats, batch) -> (loss, (stats, logits))`.
+    a_tx: optax transformation of the architecture.
+    order: 'first', 'second' (finite differences, as the reference) or
+      'exact' (exact Hessian-vector product).
+    lr_schedule: the weights' learning-rate schedule (xi of the virtual step).
+    momentum: SGD momentum of the virtual step.
+    weight_decay: SGD weight decay of the virtual step.
+    fd_r: finite-difference scale of order 'second'.
+    sync_bn: average BN statistics across devices.
+
+  Returns:
+    (new state, metrics). BatchNorm running statistics are updated by the
+    first-order validation forward pass, as in the reference; the second-order
+    passes run at virtual or perturbed weights and leave them as they were (the
+    reference updates them from its perturbed passes too, which only adds
+    noise to statistics used at evaluation time).
+  """
+  if order == 'first':
+    g, loss, (stats, logits) = hypergrad.first_order(
+        loss_fn, state.params, state.arch, state.batch_stats, val_batch)
+    state = state.replace(batch_stats=base.sync_batch_stats(stats, sync_bn))
+  elif order in ('second', 'exact'):
+    if lr_schedule is None:
+      raise ValueError('second-order DARTS needs the weight lr_schedule')
+    kw = dict(lr=lr_schedule(state.step),
+              momentum_buf=optim.momentum_buffer(state.w_opt_state,
+                                                 state.params),
+              momentum=momentum, weight_decay=weight_decay)
+    if order == 'second':
+      g, loss, (_, logits) = hypergrad.unrolled_fd(
+          loss_fn, state.params, state.arch, state.batch_stats, train_batch,
+          val_batch, r=fd_r, **kw)
+    else:
+      g, loss, (_, logits) = hypergrad.unrolled_exact(
+          loss_fn, state.params, state.arch, state.batch_stats, train_batch,
+          val_batch, **kw)
+  else:
+    raise ValueError(f'order must be one of {ORDERS}, got {order!r}')
+  state = base.apply_arch_grads(state, g, a_tx=a_tx)
+  return state, {'val_loss': loss,
+                 'val_acc': base.accuracy(logits, val_batch['label'])}
+
+
+def search_step(state: base.SearchState, batch, *, loss_fn, w_tx, a_tx,
+                order: str = 'first',
+                lr_schedule: Optional[optax.Schedule] = None,
+                momentum: float = 0.9, weight_decay: float = 3e-4,
+                fd_r: float = hypergrad.DARTS_FD_R, sync_bn: bool = True):
+  """Architecture step on `batch['val']`, then weight step on `batch['train']`.
+
+  Returns (state with `step + 1`, metrics averaged over devices). Donate the
+  state (`donate_argnums=0`) when jitting.
+  """
+  state, a_metrics = arch_step(
+      state, batch['train'], batch['val'], loss_fn=loss_fn, a_tx=a_tx,
+      order=order, lr_schedule=lr_schedule, momentum=momentum,
+      weight_decay=weight_decay, fd_r=fd_r, sync_bn=sync_bn)
+  state, w_metrics = base.weight_step(state, batch['train'], loss_fn=loss_fn,
+                                      w_tx=w_tx, sync_bn=sync_bn)
+  metrics = {**a_metrics, **w_metrics}
+  if lr_schedule is not None:
+    metrics['lr'] = lr_schedule(state.step)
+  metrics = parallel.pmean(metrics)
+  return state.replace(step=state.step + 1), metrics
+
+
+def init(key: jax.Array, sample_images: jax.Array, *, net: nn.Module, w_tx,
+         a_tx, init_scale: float = arch_lib.DARTS_INIT_SCALE
+         ) -> base.SearchState:
+  """Initial state: weights, alphas 1e-3 * N(0, 1), fresh optimizer states."""
+  k_params, k_arch, k_state = jax.random.split(key, 3)
+  arch = arch_lib.init_logits(k_arch, net.arch_shapes(), init_scale)
+  params, batch_stats = base.init_variables(
+      net, k_params, sample_images, arch_lib.softmax_weights(arch))
+  return base.SearchState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+      arch=arch, w_opt_state=w_tx.init(params), a_opt_state=a_tx.init(arch),
+      key=k_state)
+
+
+def derive(state: base.SearchState, *, net: nn.Module
+           ) -> genotype_lib.Genotype:
+  """The DARTS genotype of the current alphas (softmax over all ops)."""
+  weights = jax.tree.map(np.asarray, arch_lib.softmax_weights(state.arch))
+  return genotype_lib.derive(
+      weights, {t: net.edge_ops(t) for t in ('normal', 'reduce')},
+      steps=net.steps, multiplier=net.multiplier)
+
+
+def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
+         order: str = 'first', lr: float = 0.025, lr_min: float = 0.001,
+         momentum: float = 0.9, weight_decay: float = 3e-4,
+         grad_clip: float = 5., arch_lr: float = 3e-4,
+         arch_betas=(0.5, 0.999), arch_weight_decay: float = 1e-3,
+         arch_init_scale: float = arch_lib.DARTS_INIT_SCALE,
+         fd_r: float = hypergrad.DARTS_FD_R,
+         sync_bn: bool = True) -> base.Method:
+  """DARTS with the reference's optimizers; defaults are the paper's search.
+
+  Args:
+    net: the search network (e.g. `jaxnas.spaces.darts.SearchNetwork`).
+    steps_per_epoch: weight-split batches per epoch (the lr is stepped per
+      epoch, at epoch start, as the reference does).
+    epochs: search epochs (the cosine schedule's length).
+    order: 'first', 'second' or 'exact'; see `arch_step`.
+    lr, lr_min, momentum, weight_decay, grad_clip: weight SGD.
+    arch_lr, arch_betas, arch_weight_decay: alpha Adam.
+    arch_init_scale: alphas start at `arch_init_scale * N(0, 1)`.
+    fd_r: finite-difference scale of second order.
+    sync_bn: average BN statistics across devices in mapped steps.
+
+  Returns:
+    The method's pure functions.
+  """
+  if order not in ORDERS:
+    raise ValueError(f'order must be one of {ORDERS}, got {order!r}')
+  schedule = optim.darts_cosine(lr, lr_min, epochs, steps_per_epoch)
+  w_tx = optim.torch_sgd(schedule, momentum=momentum,
+                         weight_decay=weight_decay, clip_norm=grad_clip)
+  a_tx = optim.torch_adam(arch_lr, b1=arch_betas[0], b2=arch_betas[1],
+                          weight_decay=arch_weight_decay)
+  loss_fn = functools.partial(base.classification_loss, net=net,
+                              weights_fn=arch_lib.softmax_weights)
+  return base.Method(
+      init=functools.partial(init, net=net, w_tx=w_tx, a_tx=a_tx,
+                             init_scale=arch_init_scale),
+      step=functools.partial(
+          search_step, loss_fn=loss_fn, w_tx=w_tx, a_tx=a_tx, order=order,
+          lr_schedule=schedule, momentum=momentum, weight_decay=weight_decay,
+          fd_r=fd_r, sync_bn=sync_bn),
+      eval_step=functools.partial(base.eval_step, net=net,
+                                  weights_fn=arch_lib.softmax_weights),
+      derive=functools.partial(derive, net=net))

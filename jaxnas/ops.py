@@ -1,0 +1,294 @@
+"""Candidate operations of the DARTS search space, as Flax linen modules.
+
+Semantics follow the reference implementation (quark0/darts `cnn/operations.py`,
+see ../shared/methods/darts.md): every convolution is bias-free, `sep_conv` is
+two stacked ReLU -> depthwise -> pointwise -> BN blocks, `dil_conv` is one such
+block with dilation 2, `skip_connect` at stride 2 is a FactorizedReduce, average
+pooling does not count padding, and `none` is the zero op.
+
+Tensors are NHWC. Padding is explicit and symmetric, as in PyTorch, so output
+shapes match the reference for every stride.
+
+Weights are initialised like PyTorch's defaults (kaiming-uniform with a=sqrt(5),
+i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))), because that is what the reference's
+numbers were obtained with; Flax's lecun-normal default is a different prior.
+
+Synopsis:
+
+  op = make_op('sep_conv_3x3', channels=16, stride=2, affine=False)
+  variables = op.init(key, x, train=False)
+  y = op.apply(variables, x, train=True, mutable=['batch_stats'])
+"""
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# The reference's op order (quark0/darts `cnn/genotypes.py` PRIMITIVES).
+# Indices into architecture parameters follow this order.
+DARTS_PRIMITIVES = (
+    'none',
+    'max_pool_3x3',
+    'avg_pool_3x3',
+    'skip_connect',
+    'sep_conv_3x3',
+    'sep_conv_5x5',
+    'dil_conv_3x3',
+    'dil_conv_5x5',
+)
+
+POOL_OPS = ('max_pool_3x3', 'avg_pool_3x3')
+# Ops with trainable weights (the "parametric" group of DropNAS).
+PARAMETRIC_OPS = ('sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3',
+                  'dil_conv_5x5')
+
+# PyTorch's default initialisation for conv and linear kernels.
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in',
+                                                     'uniform')
+
+# How depthwise convolutions are computed: 'grouped' uses
+# `feature_group_count`; 'dense' multiplies the (k, k, 1, C) kernel into a
+# block-diagonal (k, k, C, C) one and runs a dense convolution, which is ~10x
+# faster on XLA:CPU; 'auto' picks 'dense' on CPU and 'grouped' elsewhere. The
+# parameters are identical in all three, only the computation differs.
+DEPTHWISE_IMPLS = ('auto', 'grouped', 'dense')
+
+
+def _resolve_depthwise_impl(impl: str) -> str:
+  if impl not in DEPTHWISE_IMPLS:
+    raise ValueError(
+        f'depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
+  if impl == 'auto':
+    return 'dense' if jax.default_backend() == 'cpu' else 'grouped'
+  return impl
+
+
+def batch_norm(train: bool, affine: bool, axis_name: Optional[str] = None,
+               name: Optional[str] = None) -> nn.BatchNorm:
+  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5)."""
+  return nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      use_bias=affine,
+      use_scale=affine,
+      axis_name=axis_name,
+      name=name)
+
+
+class Conv(nn.Module):
+  """Bias-free 2-D convolution with PyTorch-style symmetric padding."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  dilation: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel = self.param('kernel', torch_kernel_init,
+                        (k, k, x.shape[-1], self.features))
+    return lax.conv_general_dilated(
+        x, kernel.astype(x.dtype),
+        window_strides=(self.stride, self.stride),
+        padding=((self.padding, self.padding),) * 2,
+        rhs_dilation=(self.dilation, self.dilation),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise k x k convolution; the kernel has shape (k, k, 1, C)."""
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  dilation: int = 1
+  impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, c = self.kernel_size, x.shape[-1]
+    kernel = self.param('kernel', torch_kernel_init, (k, k, 1, c))
+    kernel = kernel.astype(x.dtype)
+    impl = _resolve_depthwise_impl(self.impl)
+    if impl == 'dense':
+      kernel = kernel * jnp.eye(c, dtype=x.dtype)
+      groups = 1
+    else:
+      groups = c
+    return lax.conv_general_dilated(
+        x, kernel,
+        window_strides=(self.stride, self.stride),
+        padding=((self.padding, self.padding),) * 2,
+        rhs_dilation=(self.dilation, self.dilation),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=groups)
+
+
+class ReLUConvBN(nn.Module):
+  """ReLU -> conv -> BN (the cell's input preprocessing)."""
+  features: int
+  kernel_size: int = 1
+  stride: int = 1
+  padding: int = 0
+  affine: bool = True
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = Conv(self.features, self.kernel_size, self.stride, self.padding)(
+        nn.relu(x))
+    return batch_norm(train, self.affine, self.bn_axis_name)(x)
+
+
+class DilConv(nn.Module):
+  """ReLU -> depthwise k x k (dilated) -> pointwise 1x1 -> BN."""
+  features: int
+  kernel_size: int
+  stride: int
+  padding: int
+  dilation: int
+  affine: bool = True
+  depthwise_impl: str = 'auto'
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = DepthwiseConv(self.kernel_size, self.stride, self.padding,
+                      self.dilation, self.depthwise_impl)(nn.relu(x))
+    x = Conv(self.features, 1)(x)
+    return batch_norm(train, self.affine, self.bn_axis_name)(x)
+
+
+class SepConv(nn.Module):
+  """Two stacked DilConv blocks with dilation 1; only the first is strided."""
+  features: int
+  kernel_size: int
+  stride: int
+  padding: int
+  affine: bool = True
+  depthwise_impl: str = 'auto'
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    c_in = x.shape[-1]
+    x = DilConv(c_in, self.kernel_size, self.stride, self.padding, 1,
+                self.affine, self.depthwise_impl, self.bn_axis_name)(x, train)
+    return DilConv(self.features, self.kernel_size, 1, self.padding, 1,
+                   self.affine, self.depthwise_impl, self.bn_axis_name)(
+                       x, train)
+
+
+class FactorizedReduce(nn.Module):
+  """ReLU -> two 1x1 stride-2 convs (the second shifted by one pixel) -> BN."""
+  features: int
+  affine: bool = True
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.features % 2:
+      raise ValueError(
+          f'FactorizedReduce needs an even channel count, got {self.features}')
+    if x.shape[1] % 2 or x.shape[2] % 2:
+      raise ValueError('FactorizedReduce needs even spatial sizes, got '
+                       f'{x.shape[1]}x{x.shape[2]}')
+    x = nn.relu(x)
+    a = Conv(self.features // 2, 1, stride=2)(x)
+    b = Conv(self.features // 2, 1, stride=2)(x[:, 1:, 1:, :])
+    x = jnp.concatenate([a, b], axis=-1)
+    return batch_norm(train, self.affine, self.bn_axis_name)(x)
+
+
+class Identity(nn.Module):
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    del train
+    return x
+
+
+class Zero(nn.Module):
+  """The 'none' op: zeros, spatially subsampled at stride 2."""
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    del train
+    return jnp.zeros_like(x[:, ::self.stride, ::self.stride, :])
+
+
+class Pool(nn.Module):
+  """3x3 max or average pooling (padding 1; average excludes the padding)."""
+  kind: str
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    del train
+    window, strides, pad = (3, 3), (self.stride, self.stride), ((1, 1),
+                                                                 (1, 1))
+    if self.kind == 'max':
+      return nn.max_pool(x, window, strides, pad)
+    return nn.avg_pool(x, window, strides, pad, count_include_pad=False)
+
+
+def make_op(name: str, channels: int, stride: int, affine: bool, *,
+            depthwise_impl: str = 'auto',
+            bn_axis_name: Optional[str] = None,
+            module_name: Optional[str] = None) -> nn.Module:
+  """Builds candidate operation `name` mapping `channels` to `channels`.
+
+  Args:
+    name: one of `DARTS_PRIMITIVES`.
+    channels: input and output channel count.
+    stride: 1, or 2 on the input edges of a reduction cell.
+    affine: whether BatchNorms have scale and bias (False in search networks).
+    depthwise_impl: see `DEPTHWISE_IMPLS`.
+    bn_axis_name: axis over which BatchNorm statistics are averaged, if any.
+    module_name: Flax name of the returned module.
+
+  Returns:
+    A linen module called as `op(x, train)`.
+
+  Raises:
+    ValueError: for an unknown op name or a stride other than 1 or 2.
+  """
+  if stride not in (1, 2):
+    raise ValueError(f'stride must be 1 or 2, got {stride}')
+  kw = dict(affine=affine, bn_axis_name=bn_axis_name, name=module_name)
+  conv_kw = dict(kw, depthwise_impl=depthwise_impl)
+  if name == 'none':
+    return Zero(stride, name=module_name)
+  if name == 'max_pool_3x3':
+    return Pool('max', stride, name=module_name)
+  if name == 'avg_pool_3x3':
+    return Pool('avg', stride, name=module_name)
+  if name == 'skip_connect':
+    if stride == 1:
+      return Identity(name=module_name)
+    return FactorizedReduce(channels, **kw)
+  if name in ('sep_conv_3x3', 'sep_conv_5x5'):
+    k = int(name[-1])
+    return SepConv(channels, k, stride, k // 2, **conv_kw)
+  if name in ('dil_conv_3x3', 'dil_conv_5x5'):
+    k = int(name[-1])
+    return DilConv(channels, k, stride, (k - 1), 2, **conv_kw)
+  raise ValueError(f'unknown operation {name!r}; known: {DARTS_PRIMITIVES}')
+
+
+def check_primitives(primitives: Sequence[str],
+                     known: Sequence[str] = DARTS_PRIMITIVES) -> None:
+  """Raises ValueError if `primitives` has unknown or repeated names."""
+  unknown = [p for p in primitives if p not in known]
+  if unknown:
+    raise ValueError(f'unknown operations {unknown}; known: {tuple(known)}')
+  if len(set(primitives)) != len(primitives):
+    raise ValueError(f'repeated operations in {tuple(primitives)}')
+  if not primitives:
+    raise ValueError('an edge needs at least one candidate operation')
+

@@ -1,0 +1,300 @@
+"""The DARTS search space: 14-edge search cells and the search network.
+
+Follows quark0/darts `cnn/model_search.py` (../shared/methods/darts.md):
+
+* A cell has two inputs (the outputs of the two previous cells), preprocessed
+  by ReLU-Conv1x1-BN, or by FactorizedReduce when the previous cell reduced;
+  `steps` intermediate nodes, node i summing one mixed edge from every earlier
+  node (2 + 3 + 4 + 5 = 14 edges for 4 steps); output = channel concat of the
+  last `multiplier` nodes. In a reduction cell the edges leaving the two input
+  nodes have stride 2.
+* Within the search mixture every pooling op is followed by a BatchNorm without
+  affine parameters; all cell BatchNorms are non-affine; the stem's is affine.
+* The network: stem conv 3x3 to `stem_multiplier * C` channels + BN, `layers`
+  cells with reductions at `layers // 3` and `2 * layers // 3` (channels double
+  there), global average pool, linear classifier.
+
+Architecture parameters are not Flax params: `__call__` takes the per-edge
+mixing weights for each cell type, so any method can feed softmax weights,
+simplex points, masked or sampled weights through the same network.
+
+Synopsis:
+
+  net = SearchNetwork(C=16, num_classes=10, layers=8)
+  weights = {'normal': jnp.full((14, 8), 1 / 8), 'reduce': ...}
+  variables = net.init(key, images, weights, train=False)
+  logits, updates = net.apply(variables, images, weights, train=True,
+                              mutable=['batch_stats'])
+"""
+
+from typing import Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnas import edges
+from jaxnas import ops
+from jaxnas import stacked_ops
+
+CELL_TYPES = ('normal', 'reduce')
+
+EdgeOps = Tuple[Tuple[str, ...], ...]
+
+
+def num_edges(steps: int = 4) -> int:
+  """Number of edges of a cell with `steps` intermediate nodes."""
+  return sum(2 + i for i in range(steps))
+
+
+def edge_inputs(steps: int = 4) -> Tuple[int, ...]:
+  """The input node of each edge, in edge order (nodes 0, 1 are the inputs)."""
+  return tuple(j for i in range(steps) for j in range(2 + i))
+
+
+def reduction_layers(layers: int) -> Tuple[int, ...]:
+  """Indices of the reduction cells in a network of `layers` cells."""
+  return tuple(sorted({layers // 3, 2 * layers // 3}))
+
+
+def uniform_edge_ops(primitives: Sequence[str], steps: int = 4) -> EdgeOps:
+  """Every edge offers all of `primitives`."""
+  return (tuple(primitives),) * num_edges(steps)
+
+
+def _edge_index(steps: int):
+  """{(node, input): edge} in the reference's edge order."""
+  index, e = {}, 0
+  for i in range(steps):
+    for j in range(2 + i):
+      index[(i, j)] = e
+      e += 1
+  return index
+
+
+class SourceGroup(nn.Module):
+  """All edges leaving `sources`, each op computed once for all of them.
+
+  Parametric ops run stacked over the edges that offer them (one compiled op
+  per source group instead of one per edge); parameter-free ops (pools with
+  their non-affine BN, identity) give identical outputs on every edge leaving
+  the same source, so they are computed once per source and shared. The
+  result is each edge's mixture `sum_o w[e, o] * op_o(x)`, exactly as the
+  reference's per-edge MixedOp computes it.
+
+  Attributes:
+    channels: channel count of every edge.
+    stride: stride of every edge of the group.
+    edges: (edge id, source position in `sources`) of each member edge.
+    edge_ops: the cell's per-edge op names, indexed by edge id.
+  """
+  channels: int
+  stride: int
+  edges: Tuple[Tuple[int, int], ...]
+  edge_ops: EdgeOps
+  depthwise_impl: str = 'auto'
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, sources: jax.Array, weights: jax.Array,
+               train: bool) -> jax.Array:
+    """sources: [S, B, H, W, C]; weights: the cell's (E, K) mixing weights.
+
+    Returns [len(edges), B, H', W', C], one mixture per member edge.
+    """
+    edge_ids = [e for e, _ in self.edges]
+    src_pos = np.array([p for _, p in self.edges])
+    names = []  # every op offered by some member edge, in first-seen order
+    for e in edge_ids:
+      names.extend(n for n in self.edge_ops[e] if n not in names)
+    terms = []  # (member rows, weights of those rows, outputs of those rows)
+    for name in names:
+      rows = [m for m, e in enumerate(edge_ids) if name in self.edge_ops[e]]
+      w = weights[np.array([edge_ids[m] for m in rows]),
+                  np.array([self.edge_ops[edge_ids[m]].index(name)
+                            for m in rows])]
+      if name in edges.ZERO_OPS:
+        continue
+      if stacked_ops.is_parametric(name, self.stride):
+        x = sources[src_pos[np.array(rows)]]
+        y = stacked_ops.make_stacked_op(
+            name, self.channels, self.stride,
+            depthwise_impl=self.depthwise_impl,
+            bn_axis_name=self.bn_axis_name)(x, train)
+      else:
+        used = sorted({int(src_pos[m]) for m in rows})
+        y = self._shared(name, sources[np.array(used)], train)
+        y = y[np.array([used.index(int(src_pos[m])) for m in rows])]
+      terms.append((rows, w, y))
+    return edges.mix(terms, len(edge_ids))
+
+  def _shared(self, name, x, train):
+    """A parameter-free op on each source: x [S, B, H, W, C]."""
+    if name == 'skip_connect':
+      return x
+    s, b = x.shape[:2]
+    y = ops.Pool(name[:3], self.stride)(x.reshape((s * b,) + x.shape[2:]),
+                                       train)
+    y = y.reshape((s, b) + y.shape[1:])
+    return stacked_ops.stacked_batch_norm(train, self.bn_axis_name,
+                                          name=f'{name}_bn')(y)
+
+
+class SearchCell(nn.Module):
+  """A DARTS search cell; `edge_ops[e]` lists edge e's candidate ops."""
+  channels: int
+  reduction: bool
+  reduction_prev: bool
+  edge_ops: EdgeOps
+  steps: int = 4
+  multiplier: int = 4
+  depthwise_impl: str = 'auto'
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, s0: jax.Array, s1: jax.Array, weights: jax.Array,
+               train: bool) -> jax.Array:
+    c, bn_axis = self.channels, self.bn_axis_name
+    if self.reduction_prev:
+      s0 = ops.FactorizedReduce(c, affine=False, bn_axis_name=bn_axis,
+                                name='preprocess0')(s0, train)
+    else:
+      s0 = ops.ReLUConvBN(c, affine=False, bn_axis_name=bn_axis,
+                          name='preprocess0')(s0, train)
+    s1 = ops.ReLUConvBN(c, affine=False, bn_axis_name=bn_axis,
+                        name='preprocess1')(s1, train)
+    index = _edge_index(self.steps)
+    states = [s0, s1]
+    outputs = {}  # edge id -> mixture output
+
+    def run_group(sources, name):
+      # Edges leaving `sources` (state indices) towards every later node.
+      members = [(index[(i, j)], sources.index(j))
+                 for i in range(self.steps) for j in sources
+                 if (i, j) in index]
+      stride = 2 if self.reduction and sources[0] < 2 else 1
+      y = SourceGroup(c, stride, tuple(members), self.edge_ops,
+                      self.depthwise_impl, bn_axis, name=name)(
+                          jnp.stack([states[j] for j in sources]), weights,
+                          train)
+      for m, (e, _) in enumerate(members):
+        outputs[e] = y[m]
+
+    run_group([0, 1], 'inputs')
+    for i in range(self.steps):
+      node = outputs[index[(i, 0)]]
+      for j in range(1, 2 + i):
+        node = node + outputs[index[(i, j)]]
+      states.append(node)
+      if i < self.steps - 1:
+        run_group([2 + i], f'node{i}')
+    return jnp.concatenate(states[-self.multiplier:], axis=-1)
+
+
+class SearchNetwork(nn.Module):
+  """The DARTS search network.
+
+  Attributes:
+    C: initial channel count (16 in the paper's search).
+    num_classes: classifier outputs.
+    layers: number of cells (8 in the paper's search).
+    steps: intermediate nodes per cell.
+    multiplier: nodes concatenated into the cell output.
+    stem_multiplier: stem width is `stem_multiplier * C`.
+    primitives: candidate ops on every edge, unless `normal_ops` /
+      `reduce_ops` give per-edge subsets (as P-DARTS prunes them).
+    normal_ops: optional per-edge op subsets of normal cells.
+    reduce_ops: optional per-edge op subsets of reduction cells.
+    depthwise_impl: see `jaxnas.ops.DEPTHWISE_IMPLS`.
+    bn_axis_name: if set, BatchNorm statistics are averaged over this axis.
+  """
+  C: int = 16
+  num_classes: int = 10
+  layers: int = 8
+  steps: int = 4
+  multiplier: int = 4
+  stem_multiplier: int = 3
+  primitives: Tuple[str, ...] = ops.DARTS_PRIMITIVES
+  normal_ops: Optional[EdgeOps] = None
+  reduce_ops: Optional[EdgeOps] = None
+  depthwise_impl: str = 'auto'
+  bn_axis_name: Optional[str] = None
+
+  def edge_ops(self, cell_type: str) -> EdgeOps:
+    """Per-edge candidate ops of `cell_type` ('normal' or 'reduce')."""
+    given = self.normal_ops if cell_type == 'normal' else self.reduce_ops
+    if given is None:
+      return uniform_edge_ops(self.primitives, self.steps)
+    return tuple(tuple(e) for e in given)
+
+  def arch_shapes(self) -> Mapping[str, Tuple[int, int]]:
+    """Shape of the mixing weights the network expects per cell type."""
+    shapes = {}
+    for t in CELL_TYPES:
+      counts = {len(e) for e in self.edge_ops(t)}
+      if len(counts) != 1:
+        raise ValueError(f'{t} edges must all have the same number of '
+                         f'candidate ops, got {sorted(counts)}')
+      shapes[t] = (num_edges(self.steps), counts.pop())
+    return shapes
+
+  def _validate(self, x: jax.Array, weights: Mapping[str, jax.Array]):
+    if self.layers < 1 or self.C < 1 or self.steps < 1:
+      raise ValueError('layers, C and steps must be positive')
+    if not 1 <= self.multiplier <= self.steps:
+      raise ValueError(f'multiplier must be in [1, steps={self.steps}]')
+    if x.ndim != 4:
+      raise ValueError(f'expected NHWC images, got shape {x.shape}')
+    for t, shape in self.arch_shapes().items():
+      ops_ = self.edge_ops(t)
+      if len(ops_) != shape[0]:
+        raise ValueError(f'{t}: {len(ops_)} edge op lists for {shape[0]} '
+                         'edges')
+      for e in ops_:
+        ops.check_primitives(e)
+      if t not in weights:
+        raise ValueError(f'missing mixing weights for {t!r} cells; got keys '
+                         f'{sorted(weights)}')
+      if tuple(weights[t].shape) != shape:
+        raise ValueError(f'{t} mixing weights must have shape {shape}, got '
+                         f'{tuple(weights[t].shape)}')
+
+  @nn.compact
+  def __call__(self, x: jax.Array, weights: Mapping[str, jax.Array],
+               train: bool) -> jax.Array:
+    self._validate(x, weights)
+    c_curr = self.stem_multiplier * self.C
+    s = ops.Conv(c_curr, 3, padding=1, name='stem_conv')(x)
+    s = ops.batch_norm(train, True, self.bn_axis_name, name='stem_bn')(s)
+    s0 = s1 = s
+    c_curr = self.C
+    reduction_prev = False
+    reductions = reduction_layers(self.layers)
+    for i in range(self.layers):
+      reduction = i in reductions
+      if reduction:
+        c_curr *= 2
+      cell_type = 'reduce' if reduction else 'normal'
+      cell = SearchCell(c_curr, reduction, reduction_prev,
+                        self.edge_ops(cell_type), self.steps, self.multiplier,
+                        self.depthwise_impl, self.bn_axis_name,
+                        name=f'cell{i}')
+      s0, s1 = s1, cell(s0, s1, weights[cell_type], train)
+      reduction_prev = reduction
+    out = jnp.mean(s1, axis=(1, 2))
+    return nn.Dense(
+        self.num_classes,
+        kernel_init=ops.torch_kernel_init,
+        bias_init=_torch_bias_init(out.shape[-1]),
+        name='classifier')(out)
+
+
+def _torch_bias_init(fan_in: int):
+  """PyTorch's Linear bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / jnp.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init

@@ -1,0 +1,162 @@
+"""Genotypes of the DARTS space: derivation, printed form and JSON.
+
+A `Genotype` lists, for each intermediate node of a cell, its two chosen
+(op, input) pairs, in the reference's format (quark0/darts
+`cnn/genotypes.py`): input 0 and 1 are the cell's two inputs, input j >= 2 is
+intermediate node j - 2. Its printed form is the reference's:
+
+  Genotype(normal=[('sep_conv_3x3', 0), ...], normal_concat=[2, 3, 4, 5],
+           reduce=[...], reduce_concat=[2, 3, 4, 5])
+
+Synopsis:
+
+  g = derive(softmax_weights(arch))          # the DARTS rule
+  text = g.to_json(); g == Genotype.from_json(text)
+  g == Genotype.from_string(str(g))
+"""
+
+import ast
+import json
+from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from jaxnas import ops
+
+Gene = List[Tuple[str, int]]
+
+
+class Genotype(NamedTuple):
+  """A discrete cell pair; field order and printed form as the reference."""
+  normal: Gene
+  normal_concat: List[int]
+  reduce: Gene
+  reduce_concat: List[int]
+
+  def to_dict(self) -> dict:
+    return {
+        'normal': [[op, int(j)] for op, j in self.normal],
+        'normal_concat': [int(i) for i in self.normal_concat],
+        'reduce': [[op, int(j)] for op, j in self.reduce],
+        'reduce_concat': [int(i) for i in self.reduce_concat],
+    }
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=1)
+
+  @classmethod
+  def from_dict(cls, d: Mapping) -> 'Genotype':
+    missing = {'normal', 'normal_concat', 'reduce', 'reduce_concat'} - set(d)
+    if missing:
+      raise ValueError(f'genotype is missing fields {sorted(missing)}')
+    g = cls(
+        normal=[(str(op), int(j)) for op, j in d['normal']],
+        normal_concat=[int(i) for i in d['normal_concat']],
+        reduce=[(str(op), int(j)) for op, j in d['reduce']],
+        reduce_concat=[int(i) for i in d['reduce_concat']])
+    g.validate()
+    return g
+
+  @classmethod
+  def from_json(cls, text: str) -> 'Genotype':
+    try:
+      d = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'not a genotype JSON document: {e}') from e
+    return cls.from_dict(d)
+
+  @classmethod
+  def from_string(cls, text: str) -> 'Genotype':
+    """Parses the printed form `Genotype(normal=[...], ...)`."""
+    text = text.strip()
+    if not (text.startswith('Genotype(') and text.endswith(')')):
+      raise ValueError(f'not a printed Genotype: {text[:60]!r}')
+    try:
+      call = ast.parse(text, mode='eval').body
+      fields = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    except (SyntaxError, ValueError) as e:
+      raise ValueError(f'cannot parse genotype {text[:60]!r}: {e}') from e
+    for k in ('normal_concat', 'reduce_concat'):
+      if isinstance(fields.get(k), range):
+        fields[k] = list(fields[k])
+    return cls.from_dict(fields)
+
+  def validate(self, primitives: Sequence[str] = ops.DARTS_PRIMITIVES) -> None:
+    """Raises ValueError unless every pair names a known op and valid input."""
+    for cell, concat in ((self.normal, self.normal_concat),
+                         (self.reduce, self.reduce_concat)):
+      if len(cell) % 2:
+        raise ValueError(f'a cell needs two (op, input) pairs per node: {cell}')
+      for i, (op, j) in enumerate(cell):
+        if op not in primitives:
+          raise ValueError(f'unknown op {op!r} in genotype')
+        if not 0 <= j < 2 + i // 2:
+          raise ValueError(f'node {i // 2} cannot read input {j}')
+      nodes = 2 + len(cell) // 2
+      if any(not 0 <= c < nodes for c in concat):
+        raise ValueError(f'concat {concat} outside the cell\'s {nodes} nodes')
+
+
+def derive(weights: Mapping[str, np.ndarray],
+           edge_ops: Optional[Mapping[str, Sequence[Sequence[str]]]] = None,
+           *,
+           primitives: Sequence[str] = ops.DARTS_PRIMITIVES,
+           steps: int = 4,
+           multiplier: int = 4,
+           exclude: Sequence[str] = ('none',)) -> Genotype:
+  """The DARTS derivation rule (quark0/darts `Network.genotype`).
+
+  For each node, keep the two incoming edges whose strongest op outside
+  `exclude` is largest (ties keep the lower input index, as Python's stable
+  sort in the reference does); on each kept edge choose that strongest op
+  (ties keep the earlier op). Pairs are listed strongest edge first.
+
+  Args:
+    weights: per cell type, (num_edges, K) scores, e.g. softmax(alpha) over all
+      ops ('none' included in the normalisation, as the reference does).
+    edge_ops: per cell type, each edge's op names; defaults to `primitives`
+      on every edge.
+    primitives: op names when `edge_ops` is not given.
+    steps: intermediate nodes per cell.
+    multiplier: the cell output concatenates the last `multiplier` nodes.
+    exclude: ops never chosen.
+
+  Returns:
+    The genotype.
+
+  Raises:
+    ValueError: on shape mismatches or an edge with nothing left to choose.
+  """
+  cells = {}
+  for cell_type in ('normal', 'reduce'):
+    w = np.asarray(weights[cell_type], dtype=np.float64)
+    n_edges = sum(2 + i for i in range(steps))
+    names = (edge_ops[cell_type] if edge_ops is not None
+             else [tuple(primitives)] * n_edges)
+    if w.ndim != 2 or w.shape[0] != n_edges or len(names) != n_edges:
+      raise ValueError(f'{cell_type}: expected {n_edges} edges, got weights '
+                       f'{w.shape} and {len(names)} op lists')
+    best = []  # (score, op) of each edge's strongest allowed op
+    for e in range(n_edges):
+      if len(names[e]) != w.shape[1]:
+        raise ValueError(f'{cell_type} edge {e}: {len(names[e])} op names for '
+                         f'{w.shape[1]} weights')
+      allowed = [k for k, n in enumerate(names[e]) if n not in exclude]
+      if not allowed:
+        raise ValueError(f'{cell_type} edge {e} has only excluded ops '
+                         f'{tuple(names[e])}')
+      k_best = allowed[0]
+      for k in allowed[1:]:
+        if w[e, k] > w[e, k_best]:
+          k_best = k
+      best.append((w[e, k_best], names[e][k_best]))
+    gene, start = [], 0
+    for i in range(steps):
+      n_in = 2 + i
+      order = sorted(range(n_in), key=lambda j: -best[start + j][0])
+      gene.extend((best[start + j][1], j) for j in order[:2])
+      start += n_in
+    cells[cell_type] = gene
+  concat = list(range(2 + steps - multiplier, steps + 2))
+  return Genotype(normal=cells['normal'], normal_concat=concat,
+                  reduce=cells['reduce'], reduce_concat=list(concat))
