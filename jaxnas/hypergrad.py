@@ -69,7 +69,7 @@ def _unrolled(loss_fn, params, arch, batch_stats, train_batch, val_batch, *,
 def _fd_hvp(r):
 
   def hvp(grad_arch_train, params, v):
-    eps = r / optax.global_norm(v)
+    eps = r / optax.tree.norm(v)
     plus = grad_arch_train(jax.tree.map(lambda w, d: w + eps * d, params, v))
     minus = grad_arch_train(jax.tree.map(lambda w, d: w - eps * d, params, v))
     return jax.tree.map(lambda p, m: (p - m) / (2 * eps), plus, minus)

@@ -111,7 +111,7 @@ def weight_step(state: SearchState, batch: Batch, *, loss_fn, w_tx,
   params = optax.apply_updates(state.params, updates)
   metrics = {'train_loss': loss,
              'train_acc': accuracy(logits, batch['label']),
-             'grad_norm': optax.global_norm(grads)}
+             'grad_norm': optax.tree.norm(grads)}
   return state.replace(
       params=params, batch_stats=sync_batch_stats(stats, sync_bn),
       w_opt_state=w_opt_state), metrics

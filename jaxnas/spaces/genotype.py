@@ -73,12 +73,9 @@ class Genotype(NamedTuple):
       raise ValueError(f'not a printed Genotype: {text[:60]!r}')
     try:
       call = ast.parse(text, mode='eval').body
-      fields = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+      fields = {kw.arg: _literal(kw.value) for kw in call.keywords}
     except (SyntaxError, ValueError) as e:
       raise ValueError(f'cannot parse genotype {text[:60]!r}: {e}') from e
-    for k in ('normal_concat', 'reduce_concat'):
-      if isinstance(fields.get(k), range):
-        fields[k] = list(fields[k])
     return cls.from_dict(fields)
 
   def validate(self, primitives: Sequence[str] = ops.DARTS_PRIMITIVES) -> None:
@@ -95,6 +92,14 @@ class Genotype(NamedTuple):
       nodes = 2 + len(cell) // 2
       if any(not 0 <= c < nodes for c in concat):
         raise ValueError(f'concat {concat} outside the cell\'s {nodes} nodes')
+
+
+def _literal(node: ast.AST):
+  """A Python literal, or `range(a, b)` as the reference prints concat."""
+  if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and
+      node.func.id == 'range' and not node.keywords):
+    return list(range(*[ast.literal_eval(a) for a in node.args]))
+  return ast.literal_eval(node)
 
 
 def derive(weights: Mapping[str, np.ndarray],

@@ -1,0 +1,94 @@
+"""The DARTS search cell and network: shapes, counts, topology."""
+
+from absl.testing import absltest
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxnas import arch as arch_lib
+from jaxnas.methods import base
+from jaxnas.spaces import darts
+
+
+def _uniform(shapes):
+  return {t: jnp.full(s, 1. / s[1]) for t, s in shapes.items()}
+
+
+class DartsSpaceTest(absltest.TestCase):
+
+  def test_reference_weight_count_and_alpha_shapes(self):
+    net = darts.SearchNetwork(C=16, num_classes=10, layers=8)
+    shapes = net.arch_shapes()
+    self.assertEqual(shapes, {'normal': (14, 8), 'reduce': (14, 8)})
+    variables = jax.eval_shape(lambda: net.init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), _uniform(shapes),
+        train=False))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+        variables['params']))
+    self.assertEqual(n, 1_930_618)  # quark0/darts Network(16, 10, 8)
+
+  def test_topology(self):
+    self.assertEqual(darts.num_edges(4), 14)
+    self.assertEqual(darts.edge_inputs(4),
+                     (0, 1, 0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4))
+    self.assertEqual(darts.reduction_layers(8), (2, 5))
+    self.assertEqual(darts.reduction_layers(20), (6, 13))
+
+  def test_cell_shapes(self):
+    s = jnp.ones((2, 8, 8, 12))
+    w = jnp.full((14, 8), 1 / 8)
+    for reduction, reduction_prev, h_in0, out_hw in ((False, False, 8, 8),
+                                                     (True, False, 8, 4),
+                                                     (False, True, 16, 8)):
+      cell = darts.SearchCell(
+          6, reduction, reduction_prev,
+          darts.uniform_edge_ops(darts.ops.DARTS_PRIMITIVES))
+      s0 = jnp.ones((2, h_in0, h_in0, 12))
+      out = jax.eval_shape(
+          lambda: cell.init_with_output(jax.random.key(0), s0, s, w,
+                                        False)[0])
+      chex.assert_shape(out, (2, out_hw, out_hw, 24))
+
+  def test_network_output_and_mixing_weights_matter(self):
+    net = darts.SearchNetwork(C=4, num_classes=5, layers=3)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    arch = arch_lib.init_logits(jax.random.key(1), net.arch_shapes())
+    w = arch_lib.softmax_weights(arch)
+    params, stats = base.init_variables(net, jax.random.key(2), x, w)
+    apply = jax.jit(lambda w: net.apply(
+        {'params': params, 'batch_stats': stats}, x, w, train=False))
+    logits = apply(w)
+    chex.assert_shape(logits, (2, 5))
+    chex.assert_tree_all_finite(logits)
+    # Only skip-connects on every edge: a different function.
+    skip = {t: jax.nn.one_hot(jnp.full((14,), 3), 8) for t in w}
+    other = apply(skip)
+    self.assertGreater(float(jnp.abs(other - logits).max()), 1e-4)
+
+  def test_rejects_bad_weights(self):
+    net = darts.SearchNetwork(C=4, num_classes=5, layers=3)
+    x = jnp.ones((1, 8, 8, 1))
+    with self.assertRaisesRegex(ValueError, 'shape'):
+      net.init(jax.random.key(0), x,
+               {'normal': jnp.ones((14, 7)), 'reduce': jnp.ones((14, 8))},
+               train=False)
+    with self.assertRaisesRegex(ValueError, 'missing'):
+      net.init(jax.random.key(0), x, {'normal': jnp.ones((14, 8))},
+               train=False)
+
+  def test_per_edge_op_subsets(self):
+    ops_ = tuple(('max_pool_3x3', 'sep_conv_3x3') if e % 2 else
+                 ('skip_connect', 'dil_conv_3x3') for e in range(14))
+    net = darts.SearchNetwork(C=4, num_classes=3, layers=3, normal_ops=ops_,
+                              reduce_ops=ops_)
+    self.assertEqual(net.arch_shapes()['normal'], (14, 2))
+    x = jnp.ones((2, 8, 8, 1))
+    w = {t: jnp.full((14, 2), .5) for t in ('normal', 'reduce')}
+    logits = jax.eval_shape(lambda: net.init_with_output(
+        jax.random.key(0), x, w, train=True)[0])
+    chex.assert_shape(logits, (2, 3))
+
+
+if __name__ == '__main__':
+  absltest.main()
