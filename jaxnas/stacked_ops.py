@@ -8,19 +8,8 @@ outgoing edges: inputs are [E, B, H, W, C] and every parameter has a leading
 edge axis E. Edge e of a stacked op computes exactly what `jaxnas.ops` computes
 with that edge's slice of the parameters (tests check this).
 
-Depthwise convolutions have three formulations (`DEPTHWISE_IMPLS`):
-
-* 'grouped': the E edges folded into channels, one depthwise convolution with
-  E * C groups. One op to compile; slow on XLA:CPU.
-* 'dense': each edge's depthwise kernel multiplied into a block-diagonal dense
-  kernel and run as a dense convolution, one per edge. Fastest on XLA:CPU
-  (about 6x 'grouped'), compile grows with E.
-* 'shift': the sum over kernel taps of shifted inputs times per-channel
-  weights; element-wise only.
-
-'auto' means 'grouped' everywhere: the search networks of tests and of the
-CPU default search are compile-bound, and accelerators run grouped
-convolutions natively. Pick 'dense' for long CPU runs.
+Depthwise convolutions use `jaxnas.ops.depthwise`, whose formulations
+(`jaxnas.ops.DEPTHWISE_IMPLS`) trade compile time against run time.
 """
 
 from typing import Optional
@@ -28,24 +17,12 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jaxnas import ops
-
-DEPTHWISE_IMPLS = ('auto', 'grouped', 'dense', 'shift')
 
 # PyTorch's default init per edge: fan-in excludes the leading edge axis.
 stacked_kernel_init = nn.initializers.variance_scaling(
     1.0 / 3.0, 'fan_in', 'uniform', batch_axis=(0,))
-
-_DN = ('NHWC', 'HWIO', 'NHWC')
-
-
-def resolve_depthwise_impl(impl: str) -> str:
-  if impl not in DEPTHWISE_IMPLS:
-    raise ValueError(
-        f'depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
-  return 'grouped' if impl == 'auto' else impl
 
 
 def stacked_batch_norm(train: bool, axis_name: Optional[str] = None,
@@ -54,44 +31,6 @@ def stacked_batch_norm(train: bool, axis_name: Optional[str] = None,
   return nn.BatchNorm(use_running_average=not train, axis=(0, 4),
                       momentum=0.9, epsilon=1e-5, use_bias=False,
                       use_scale=False, axis_name=axis_name, name=name)
-
-
-def depthwise(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int,
-              dilation: int, impl: str) -> jax.Array:
-  """Per-edge depthwise conv: x [E, B, H, W, C], kernel [E, k, k, 1, C]."""
-  e, b, h, w, c = x.shape
-  k = kernel.shape[1]
-  pad = ((padding, padding),) * 2
-  impl = resolve_depthwise_impl(impl)
-  if impl == 'grouped':
-    xf = jnp.moveaxis(x, 0, 3).reshape(b, h, w, e * c)
-    kf = jnp.moveaxis(kernel, 0, 3).reshape(k, k, 1, e * c)
-    y = lax.conv_general_dilated(xf, kf, (stride, stride), pad,
-                                 rhs_dilation=(dilation, dilation),
-                                 dimension_numbers=_DN,
-                                 feature_group_count=e * c)
-    return jnp.moveaxis(y.reshape(y.shape[:3] + (e, c)), 3, 0)
-  if impl == 'dense':
-    eye = jnp.eye(c, dtype=x.dtype)
-    return jnp.stack([
-        lax.conv_general_dilated(x[i], kernel[i] * eye, (stride, stride), pad,
-                                 rhs_dilation=(dilation, dilation),
-                                 dimension_numbers=_DN) for i in range(e)])
-  # 'shift': sum over taps of strided slices of the padded input.
-  xp = jnp.pad(x, ((0, 0), (0, 0)) + pad + ((0, 0),))
-  h_out = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-  w_out = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
-  out = None
-  for i in range(k):
-    for j in range(k):
-      tap = lax.slice(
-          xp, (0, 0, i * dilation, j * dilation, 0),
-          (e, b, i * dilation + (h_out - 1) * stride + 1,
-           j * dilation + (w_out - 1) * stride + 1, c),
-          (1, 1, stride, stride, 1))
-      term = tap * kernel[:, i, j, 0][:, None, None, None, :]
-      out = term if out is None else out + term
-  return out
 
 
 class StackedConv1x1(nn.Module):
@@ -124,7 +63,7 @@ class StackedDilConv(nn.Module):
     k, c = self.kernel_size, x.shape[-1]
     kernel = self.param('depthwise_kernel', stacked_kernel_init,
                         (x.shape[0], k, k, 1, c))
-    x = depthwise(nn.relu(x), kernel.astype(x.dtype), stride=self.stride,
+    x = ops.depthwise(nn.relu(x), kernel.astype(x.dtype), stride=self.stride,
                   padding=self.padding, dilation=self.dilation,
                   impl=self.depthwise_impl)
     x = StackedConv1x1(self.features, name='pointwise')(x)

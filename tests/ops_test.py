@@ -54,7 +54,7 @@ class OpsTest(parameterized.TestCase):
     self.assertEqual(float(jnp.abs(y[..., 0]).sum()), 0.)
     self.assertGreater(float(jnp.abs(y[..., 1]).sum()), 0.)
 
-  @parameterized.product(impl=('grouped', 'dense'), stride=(1, 2),
+  @parameterized.product(impl=('grouped', 'dense', 'shift'), stride=(1, 2),
                          dilation=(1, 2))
   def test_depthwise_impls_agree(self, impl, stride, dilation):
     x = jax.random.normal(jax.random.key(1), (B, H, H, C))

@@ -41,7 +41,7 @@ def get_config(variant: str = 'digits') -> ml_collections.ConfigDict:
   c.steps = 4                     # intermediate nodes per cell
   c.multiplier = 4
   c.stem_multiplier = 3
-  c.depthwise_impl = 'auto'       # see jaxnas.stacked_ops.DEPTHWISE_IMPLS
+  c.depthwise_impl = 'auto'       # see jaxnas.ops.DEPTHWISE_IMPLS
   # Weights: SGD with momentum (train_search.py).
   c.lr = 0.025
   c.lr_min = 0.001                # paper says 0; the code uses 0.001

@@ -50,7 +50,7 @@ def num_edges(steps: int = 4) -> int:
 
 def edge_inputs(steps: int = 4) -> Tuple[int, ...]:
   """The input node of each edge, in edge order (nodes 0, 1 are the inputs)."""
-  return tuple(j for i in range(steps) for j in range(2 + i))
+  return tuple(j for _, j in _edge_index(steps))
 
 
 def reduction_layers(layers: int) -> Tuple[int, ...]:
@@ -110,12 +110,12 @@ class SourceGroup(nn.Module):
       names.extend(n for n in self.edge_ops[e] if n not in names)
     terms = []  # (member rows, weights of those rows, outputs of those rows)
     for name in names:
+      if name in edges.ZERO_OPS:
+        continue
       rows = [m for m, e in enumerate(edge_ids) if name in self.edge_ops[e]]
       w = weights[np.array([edge_ids[m] for m in rows]),
                   np.array([self.edge_ops[edge_ids[m]].index(name)
                             for m in rows])]
-      if name in edges.ZERO_OPS:
-        continue
       if stacked_ops.is_parametric(name, self.stride):
         x = sources[src_pos[np.array(rows)]]
         y = stacked_ops.make_stacked_op(
