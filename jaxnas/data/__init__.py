@@ -2,18 +2,23 @@
 
 Synopsis:
 
-  ds = load('digits')                            # or 'cifar10' via tfds
+  ds = load('digits')             # or 'cifar10' via tfds, 'folder:/path'
   weights_half, arch_half = split(ds.train, 0.5)
   batches = SearchBatches(weights_half, arch_half, batch_size=64, seed=2,
                           augment=Augment(crop_padding=4, flip=True))
   batch = batches.batch(step)    # {'train': {...}, 'val': {...}}
+  mine = host_slice(batch, jax.process_index(), jax.process_count())
+  per_device = shard_for_devices(mine, jax.local_device_count())
 """
 
 from jaxnas.data.pipeline import Augment
 from jaxnas.data.pipeline import Dataset
 from jaxnas.data.pipeline import eval_batches
+from jaxnas.data.pipeline import host_slice
 from jaxnas.data.pipeline import SearchBatches
+from jaxnas.data.pipeline import shard_for_devices
 from jaxnas.data.pipeline import Split
 from jaxnas.data.pipeline import split
+from jaxnas.data.sources import image_folder
 from jaxnas.data.sources import load
 from jaxnas.data.sources import SOURCES

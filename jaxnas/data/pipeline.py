@@ -17,11 +17,18 @@ the batches an uninterrupted one would, with no iterator state to save.
 Images are kept as uint8 or float arrays in their raw range and normalised per
 channel after augmentation (padding pixels are zero before normalisation, as
 torchvision's RandomCrop pads the raw image).
+
+Several hosts: every host builds the same global batch from (seed, step) and
+keeps its own contiguous part with `host_slice(batch, jax.process_index(),
+jax.process_count())`; `shard_for_devices` then splits that part over the
+host's local devices for pmap. No host holds iterator state, so resuming on
+any number of hosts replays exactly the batches of an uninterrupted run.
 """
 
 import dataclasses
 from typing import Iterator, Optional, Sequence
 
+import jax
 import numpy as np
 
 
@@ -102,6 +109,10 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator,
 class SearchBatches:
   """Weights / architecture batches of a bilevel search as functions of step.
 
+  Batches are global and a pure function of (seed, step); with several hosts
+  each host computes the global batch and keeps its part with `host_slice`
+  (see the module docstring), which keeps resume exact.
+
   Args:
     weights_split: examples for the weight step.
     arch_split: examples for the architecture step.
@@ -149,6 +160,63 @@ class SearchBatches:
   def batch(self, step: int) -> dict:
     """`{'train': weights batch, 'val': architecture batch}` of `step`."""
     return {'train': self.weights_batch(step), 'val': self.arch_batch(step)}
+
+
+def _leading_dims(tree):
+  return {np.shape(x)[0] if np.ndim(x) else None
+          for x in jax.tree_util.tree_leaves(tree)}
+
+
+def host_slice(batch_tree, process_index: int, process_count: int):
+  """This host's contiguous part of a global batch.
+
+  Args:
+    batch_tree: a pytree of arrays whose leading dimension is the global batch
+      size B (the same for every leaf).
+    process_index: this host's index, in [0, process_count).
+    process_count: the number of hosts; must divide B.
+
+  Returns:
+    The tree with every leaf sliced to rows
+    [process_index * B / process_count, (process_index + 1) * B /
+    process_count).
+  """
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} is not in [0, '
+                     f'process_count={process_count})')
+  sizes = _leading_dims(batch_tree)
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError('every leaf of the batch needs the same leading (batch) '
+                     f'dimension; got {sorted(sizes, key=str)}')
+  (size,) = sizes
+  if size % process_count:
+    raise ValueError(f'global batch size {size} is not divisible by '
+                     f'process_count={process_count}')
+  per_host = size // process_count
+  start = process_index * per_host
+  return jax.tree_util.tree_map(lambda x: x[start:start + per_host],
+                                batch_tree)
+
+
+def shard_for_devices(batch_tree, num_devices: int):
+  """Reshapes every leaf [B, ...] to [num_devices, B // num_devices, ...].
+
+  Device d gets rows [d * B / num_devices, (d + 1) * B / num_devices), the
+  layout `jax.pmap` expects.
+  """
+  if num_devices < 1:
+    raise ValueError(f'num_devices must be >= 1, got {num_devices}')
+
+  def reshape(x):
+    x = np.asarray(x) if not hasattr(x, 'reshape') else x
+    if not np.ndim(x):
+      raise ValueError('cannot shard a scalar leaf over devices')
+    if x.shape[0] % num_devices:
+      raise ValueError(f'batch size {x.shape[0]} is not divisible by '
+                       f'num_devices={num_devices}')
+    return x.reshape((num_devices, x.shape[0] // num_devices) + x.shape[1:])
+
+  return jax.tree_util.tree_map(reshape, batch_tree)
 
 
 def eval_batches(data: Split, batch_size: int, mean, std) -> Iterator[dict]:
