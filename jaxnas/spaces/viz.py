@@ -1,14 +1,22 @@
-"""Pictures of genotype cells (PNG), drawn with matplotlib.
+"""Pictures (PNG) of genotype cells and architecture weights, with matplotlib.
 
-Nodes: the two cell inputs c_{k-2}, c_{k-1} on the left, intermediate nodes
-0..n-1 in the middle, the output c_{k} on the right; each chosen edge is an
-arrow labelled with its op.
+Genotype cells: the two cell inputs c_{k-2}, c_{k-1} on the left, intermediate
+nodes 0..n-1 in the middle, the output c_{k} on the right; each chosen edge is
+an arrow labelled with its op.
+
+Architecture weights (`plot_alpha_heatmap`, `plot_alpha_trajectories`): one
+row / panel per edge, labelled 'j→i' with the nodes numbered as the reference
+numbers states: 0 and 1 are the cell inputs c_{k-2}, c_{k-1}, 2.. the
+intermediate nodes (so '1→3' is c_{k-1} into the second intermediate node).
 """
+
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
 
 from jaxnas.spaces.genotype import Genotype
 
@@ -69,3 +77,161 @@ def plot_genotype(genotype: Genotype, prefix: str) -> list:
               f'{cell} cell', path)
     paths.append(path)
   return paths
+
+
+def _op_colours(primitives: Sequence[str]) -> Dict[str, str]:
+  """`_OP_COLOURS`, with tab10 colours for ops it does not name."""
+  spare = iter(plt.get_cmap('tab10').colors * 3)
+  out = {}
+  for op in primitives:
+    out[op] = _OP_COLOURS.get(op) or matplotlib.colors.to_hex(next(spare))
+  return out
+
+
+def default_edge_labels(num_edges: int) -> List[str]:
+  """'j→i' for each edge in the reference's order (node i's inputs j < i).
+
+  Nodes 0, 1 are the cell inputs and 2.. the intermediate nodes; a count that
+  is no cell's edge count gets 'edge 0', 'edge 1', ...
+  """
+  labels, node = [], 2
+  while len(labels) < num_edges:
+    labels += [f'{j}\u2192{node}' for j in range(node)]
+    node += 1
+  if len(labels) != num_edges:
+    return [f'edge {e}' for e in range(num_edges)]
+  return labels
+
+
+def _edge_labels(edge_labels, cell: str, num_edges: int) -> List[str]:
+  labels = (edge_labels or {}).get(cell)
+  if labels is None:
+    return default_edge_labels(num_edges)
+  if len(labels) != num_edges:
+    raise ValueError(f'{len(labels)} edge labels for the {num_edges} edges of '
+                     f'the {cell} cell')
+  return list(labels)
+
+
+def _check_weights(cell: str, w: np.ndarray, primitives: Sequence[str]):
+  if w.ndim != 2 or w.shape[1] != len(primitives):
+    raise ValueError(f'{cell} weights must be [edges, {len(primitives)} ops] '
+                     f'for primitives {list(primitives)}, got {w.shape}')
+
+
+def plot_alpha_heatmap(weights: Mapping[str, np.ndarray],
+                       edge_labels: Optional[Mapping[str, Sequence[str]]],
+                       primitives: Sequence[str], path: str) -> str:
+  """Draws each cell type's edge x op weights as an annotated heatmap.
+
+  Args:
+    weights: {cell type ('normal', 'reduce'): [edges, ops] weights}, e.g. the
+      softmax of the architecture parameters; one subplot per entry, in
+      order, all on one colour scale from 0 to the largest weight.
+    edge_labels: {cell type: one label per edge}, or None (or a missing cell
+      type) for 'j→i' labels (see `default_edge_labels`).
+    primitives: the op names of the columns.
+    path: the PNG to write.
+
+  Returns:
+    `path`.
+  """
+  cells = list(weights)
+  arrays = {c: np.asarray(weights[c], np.float64) for c in cells}
+  for c in cells:
+    _check_weights(c, arrays[c], primitives)
+  rows = max(a.shape[0] for a in arrays.values())
+  vmax = max(max(float(a.max()) for a in arrays.values()), 1e-12)
+  fig, axes = plt.subplots(
+      1, len(cells), squeeze=False,
+      figsize=(len(cells) * (1.8 + 0.75 * len(primitives)),
+               1.6 + 0.36 * rows))
+  for ax, cell in zip(axes[0], cells):
+    w = arrays[cell]
+    im = ax.imshow(w, cmap='viridis', aspect='auto', vmin=0., vmax=vmax)
+    threshold = 0.5 * (im.norm.vmin + im.norm.vmax)
+    for e in range(w.shape[0]):
+      for o in range(w.shape[1]):
+        ax.text(o, e, f'{w[e, o]:.2f}', ha='center', va='center',
+                fontsize=7,
+                color='black' if w[e, o] > threshold else 'white')
+    ax.set_xticks(range(len(primitives)))
+    ax.set_xticklabels(primitives, rotation=45, ha='right', fontsize=8)
+    ax.set_yticks(range(w.shape[0]))
+    ax.set_yticklabels(_edge_labels(edge_labels, cell, w.shape[0]),
+                       fontsize=8)
+    ax.set_ylabel('edge (input\u2192node)')
+    ax.set_title(f'{cell} cell')
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_alpha_trajectories(
+    history: Sequence[Mapping[str, np.ndarray]], primitives: Sequence[str],
+    path: str,
+    edge_labels: Optional[Mapping[str, Sequence[str]]] = None) -> str:
+  """Draws how each edge's op weights moved over the epochs of a search.
+
+  Per cell type a grid of small panels, one per edge, each with one line per
+  op (coloured as in the genotype pictures) over epochs; one legend for all.
+
+  Args:
+    history: one entry per epoch, each {cell type: [edges, ops] weights}.
+    primitives: the op names, in the weights' column order.
+    path: the PNG to write.
+    edge_labels: as in `plot_alpha_heatmap`.
+
+  Returns:
+    `path`.
+  """
+  if not history:
+    raise ValueError('history is empty: nothing to plot')
+  cells = list(history[0])
+  series = {}
+  for cell in cells:
+    series[cell] = np.stack([np.asarray(h[cell], np.float64)
+                             for h in history])  # [epochs, edges, ops]
+    _check_weights(cell, series[cell][0], primitives)
+  colours = _op_colours(primitives)
+  epochs = np.arange(len(history))
+  cols = 4
+  grid_rows = {c: -(-series[c].shape[1] // cols) for c in cells}
+  legend_rows = -(-len(primitives) // 4)
+  heights = [1.7 * grid_rows[c] + 0.7 for c in cells] + [0.25 * legend_rows
+                                                          + 0.2]
+  fig = plt.figure(figsize=(2.6 * cols, sum(heights)), layout='constrained')
+  subfigs = fig.subfigures(len(cells) + 1, 1, squeeze=False,
+                           height_ratios=heights)
+  marker = 'o' if len(history) < 3 else None
+  for subfig, cell in zip(subfigs[:-1, 0], cells):
+    s = series[cell]
+    labels = _edge_labels(edge_labels, cell, s.shape[1])
+    axes = subfig.subplots(grid_rows[cell], cols, squeeze=False,
+                           sharex=True, sharey=True)
+    for e, ax in enumerate(axes.flat):
+      if e >= s.shape[1]:
+        ax.axis('off')
+        continue
+      if e + cols >= s.shape[1]:  # nothing below: show its epoch ticks
+        ax.xaxis.set_tick_params(labelbottom=True)
+      for o, op in enumerate(primitives):
+        ax.plot(epochs, s[:, e, o], color=colours[op], lw=1.2,
+                marker=marker, ms=3, label=op)
+      ax.set_title(labels[e], fontsize=8, pad=2)
+      ax.tick_params(labelsize=6)
+      ax.margins(y=0.1)  # autoscaled: early moves are small
+      ax.grid(alpha=0.3)
+    subfig.suptitle(f'{cell} cell', fontsize=10)
+    subfig.supxlabel('epoch', fontsize=8)
+    subfig.supylabel('weight', fontsize=8)
+  handles = [matplotlib.lines.Line2D([], [], color=colours[op], lw=2,
+                                     label=op) for op in primitives]
+  subfigs[-1, 0].legend(handles=handles, loc='center',
+                        ncol=min(len(primitives), 4), fontsize=8,
+                        frameon=False)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
