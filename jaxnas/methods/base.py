@@ -106,15 +106,22 @@ def weight_step(state: SearchState, batch: Batch, *, loss_fn, w_tx,
   """
   (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.arch, state.batch_stats, batch)
-  grads = parallel.pmean(grads)
-  updates, w_opt_state = w_tx.update(grads, state.w_opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  state, grad_norm = apply_weight_grads(state, grads, w_tx=w_tx)
   metrics = {'train_loss': loss,
              'train_acc': accuracy(logits, batch['label']),
-             'grad_norm': optax.tree.norm(grads)}
-  return state.replace(
-      params=params, batch_stats=sync_batch_stats(stats, sync_bn),
-      w_opt_state=w_opt_state), metrics
+             'grad_norm': grad_norm}
+  return state.replace(batch_stats=sync_batch_stats(stats, sync_bn)), metrics
+
+
+def apply_weight_grads(state: SearchState, grads: PyTree, *, w_tx):
+  """Averages weight gradients across devices and applies `w_tx`.
+
+  Returns (new state, global norm of the averaged gradients).
+  """
+  grads = parallel.pmean(grads)
+  updates, w_opt_state = w_tx.update(grads, state.w_opt_state, state.params)
+  return state.replace(params=optax.apply_updates(state.params, updates),
+                       w_opt_state=w_opt_state), optax.tree.norm(grads)
 
 
 def apply_arch_grads(state: SearchState, grads: PyTree, *,
@@ -156,8 +163,8 @@ def init_variables(net: nn.Module, key: jax.Array, sample_images: jax.Array,
   one hash per parameter, which took ~50 s for a 3-cell supernet on a CPU
   against ~10 s this way. The values are deterministic in `key` on one backend.
   """
-  seed = jax.random.randint(key, (), 0, jnp.iinfo(jnp.int32).max)
-  init_key = jax.random.key(int(seed), impl='rbg')
+  init_key = jax.random.wrap_key_data(
+      jax.random.bits(key, (4,), jnp.uint32), impl='rbg')
   abstract = jax.ShapeDtypeStruct(sample_images.shape, sample_images.dtype)
   variables = net.lazy_init(init_key, abstract, mixing, train=False)
   return variables['params'], variables.get('batch_stats', {})

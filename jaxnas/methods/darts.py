@@ -116,6 +116,52 @@ def search_step(state: base.SearchState, batch, *, loss_fn, w_tx, a_tx,
   return state.replace(step=state.step + 1), metrics
 
 
+def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
+                            w_tx, a_tx,
+                            lr_schedule: Optional[optax.Schedule] = None,
+                            sync_bn: bool = True):
+  """First-order `search_step` with one compiled forward/backward pass.
+
+  The architecture phase (validation batch) and the weight phase (training
+  batch) run as two iterations of one `lax.scan` whose body takes gradients
+  with respect to both weights and alphas and applies the phase's update, so
+  XLA compiles the supernet's forward and backward once instead of twice
+  (about half the compile time). The price is the weight gradients the
+  architecture phase computes and discards (roughly a fifth more work per
+  step on a CPU). Same updates and metrics as `search_step` with
+  order='first'; it needs both batches to have the same shapes.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+
+  def phase(state, inputs):
+    phase_batch, is_arch = inputs
+    (loss, (stats, logits)), (g_params, g_arch) = grad_fn(
+        state.params, state.arch, state.batch_stats, phase_batch)
+
+    def arch_update(state):
+      return base.apply_arch_grads(state, g_arch, a_tx=a_tx), jnp.zeros(())
+
+    def weight_update(state):
+      return base.apply_weight_grads(state, g_params, w_tx=w_tx)
+
+    state, grad_norm = jax.lax.cond(is_arch, arch_update, weight_update,
+                                    state)
+    state = state.replace(batch_stats=base.sync_batch_stats(stats, sync_bn))
+    return state, (loss, base.accuracy(logits, phase_batch['label']),
+                   grad_norm)
+
+  stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), batch['val'],
+                         batch['train'])
+  state, (loss, acc, grad_norm) = jax.lax.scan(
+      phase, state, (stacked, jnp.array([True, False])))
+  metrics = {'val_loss': loss[0], 'val_acc': acc[0], 'train_loss': loss[1],
+             'train_acc': acc[1], 'grad_norm': grad_norm[1]}
+  if lr_schedule is not None:
+    metrics['lr'] = lr_schedule(state.step)
+  metrics = parallel.pmean(metrics)
+  return state.replace(step=state.step + 1), metrics
+
+
 def init(key: jax.Array, sample_images: jax.Array, *, net: nn.Module, w_tx,
          a_tx, init_scale: float = arch_lib.DARTS_INIT_SCALE
          ) -> base.SearchState:
@@ -146,7 +192,7 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
          arch_betas=(0.5, 0.999), arch_weight_decay: float = 1e-3,
          arch_init_scale: float = arch_lib.DARTS_INIT_SCALE,
          fd_r: float = hypergrad.DARTS_FD_R,
-         sync_bn: bool = True) -> base.Method:
+         sync_bn: bool = True, share_backward: bool = False) -> base.Method:
   """DARTS with the reference's optimizers; defaults are the paper's search.
 
   Args:
@@ -160,12 +206,18 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
     arch_init_scale: alphas start at `arch_init_scale * N(0, 1)`.
     fd_r: finite-difference scale of second order.
     sync_bn: average BN statistics across devices in mapped steps.
+    share_backward: first order only: compile one forward/backward for both
+      phases (`shared_first_order_step`): about half the compile time for
+      about a fifth more time per step on a CPU.
 
   Returns:
     The method's pure functions.
   """
   if order not in ORDERS:
     raise ValueError(f'order must be one of {ORDERS}, got {order!r}')
+  if share_backward and order != 'first':
+    raise ValueError('share_backward needs order="first": second-order '
+                     'hypergradients differentiate at other weights')
   schedule = optim.darts_cosine(lr, lr_min, epochs, steps_per_epoch)
   w_tx = optim.torch_sgd(schedule, momentum=momentum,
                          weight_decay=weight_decay, clip_norm=grad_clip)
@@ -177,6 +229,9 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
       init=functools.partial(init, net=net, w_tx=w_tx, a_tx=a_tx,
                              init_scale=arch_init_scale),
       step=functools.partial(
+          shared_first_order_step, loss_fn=loss_fn, w_tx=w_tx, a_tx=a_tx,
+          lr_schedule=schedule, sync_bn=sync_bn) if share_backward else
+      functools.partial(
           search_step, loss_fn=loss_fn, w_tx=w_tx, a_tx=a_tx, order=order,
           lr_schedule=schedule, momentum=momentum, weight_decay=weight_decay,
           fd_r=fd_r, sync_bn=sync_bn),

@@ -66,6 +66,23 @@ class DartsStepTest(absltest.TestCase):
         set(metrics),
         {'train_loss', 'train_acc', 'val_loss', 'val_acc', 'grad_norm', 'lr'})
 
+  def test_shared_backward_step_equals_two_phase_step(self):
+    shared = darts.make(NET, steps_per_epoch=4, epochs=2, share_backward=True)
+    step_a = jax.jit(self.method.step)
+    step_b = jax.jit(shared.step)
+    a = b = self.state
+    for _ in range(2):
+      a, metrics_a = step_a(a, self.batch)
+      b, metrics_b = step_b(b, self.batch)
+    chex.assert_trees_all_close(b.arch, a.arch, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(b.params, a.params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(b.batch_stats, a.batch_stats, rtol=1e-5,
+                                atol=1e-6)
+    chex.assert_trees_all_close(metrics_b, metrics_a, rtol=1e-5, atol=1e-6)
+    self.assertEqual(int(b.step), 2)
+    with self.assertRaisesRegex(ValueError, 'share_backward'):
+      darts.make(NET, steps_per_epoch=4, order='second', share_backward=True)
+
   def test_each_half_step_touches_only_its_pytree(self):
     loss_fn = functools.partial(base.classification_loss, net=NET,
                                 weights_fn=arch_lib.softmax_weights)
