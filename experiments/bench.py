@@ -1,0 +1,183 @@
+r"""Benchmarks one search step: compile time, step time, peak memory.
+
+  python -m experiments.bench --method darts --size small --order first
+
+prints one JSON object:
+
+* `compile_s`: lowering plus XLA compilation of the jitted step (the
+  persistent compilation cache is off unless `--cache`);
+* `step_s`: median wall time of `--steps` steady-state steps (each waited
+  for), after one untimed warm-up step; `step_times_s` lists them all;
+* `peak_bytes`: XLA's compiled memory analysis of the step (arguments +
+  outputs + temporaries - donated aliases): the device memory the step needs;
+* `peak_rss_bytes` (CPU): the process's peak resident memory while running
+  steps (the high-water mark is reset after compilation, so compiler memory
+  is not counted), `peak_rss_total_bytes` the peak including compilation.
+
+Sizes: `small` is C=8, 5 cells, batch 32 on 32x32 images; `paper` is the
+method's search setting from its config (DARTS: C=16, 8 cells, batch 64).
+Inputs are random 32x32x3 images with 10 classes, as in the PyTorch numbers
+quoted in BENCHMARKS.md.
+"""
+
+import json
+import os
+import platform
+import statistics
+import time
+
+from absl import app
+from absl import flags
+
+_METHOD = flags.DEFINE_enum('method', 'darts', ['darts'], 'Search method.')
+_SIZE = flags.DEFINE_enum('size', 'small', ['small', 'paper'],
+                          'small: C=8, 5 cells, batch 32; paper: the '
+                          "method's search config.")
+_ORDER = flags.DEFINE_enum('order', 'first',
+                           ['first', 'second', 'exact', '1', '2'],
+                           'DARTS hypergradient order (1 = first, 2 = second).')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (median reported).')
+_DEPTHWISE = flags.DEFINE_string('depthwise_impl', None,
+                                 'Override the config\'s depthwise_impl.')
+_BATCH = flags.DEFINE_integer('batch_size', None, 'Override the batch size.')
+_SHARE = flags.DEFINE_bool('share_backward', None,
+                           'Override the config\'s share_backward.')
+_CACHE = flags.DEFINE_bool('cache', False,
+                           'Use the persistent compilation cache.')
+
+SIZES = {
+    'small': dict(init_channels=8, layers=5, batch_size=32),
+    'paper': {},
+}
+
+
+def _config(method: str, size: str):
+  """The method's search config with the size's overrides."""
+  from experiments.configs import darts as darts_config  # pylint: disable=g-import-not-at-top
+  configs = {'darts': lambda: darts_config.get_config('cifar10')}
+  c = configs[method]()
+  for k, v in SIZES[size].items():
+    c[k] = v
+  return c
+
+
+def _rss_bytes(field: str) -> int:
+  """VmHWM / VmRSS of this process from /proc (0 where unavailable)."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith(field + ':'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 0
+
+
+def _reset_peak_rss() -> bool:
+  """Resets VmHWM to the current RSS (Linux `clear_refs` 5)."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return True
+  except OSError:
+    return False
+
+
+def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
+        depthwise_impl=None, batch_size=None, share_backward=None) -> dict:
+  """Benchmarks one step of `method_name` at `size`; returns the results."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from experiments import search  # pylint: disable=g-import-not-at-top
+
+  order = {'1': 'first', '2': 'second'}.get(order, order)
+  config = _config(method_name, size)
+  config.order = order
+  if depthwise_impl is not None:
+    config.depthwise_impl = depthwise_impl
+  if batch_size is not None:
+    config.batch_size = batch_size
+  if share_backward is not None:
+    config.share_backward = share_backward
+  num_classes, image_size = 10, 32
+  _, method = search.build(config, num_classes, steps_per_epoch=100)
+
+  rng = np.random.default_rng(0)
+
+  def half():
+    return {'image': rng.standard_normal(
+        (config.batch_size, image_size, image_size, 3), np.float32),
+            'label': rng.integers(0, num_classes, config.batch_size,
+                                  dtype=np.int32)}
+
+  batches = [{'train': half(), 'val': half()} for _ in range(2)]
+
+  t = time.perf_counter()
+  state = method.init(jax.random.PRNGKey(0), batches[0]['train']['image'][:1])
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - t
+
+  step = jax.jit(method.step, donate_argnums=0)
+  t = time.perf_counter()
+  lowered = step.lower(state, batches[0])
+  lower_s = time.perf_counter() - t
+  t = time.perf_counter()
+  compiled = lowered.compile()
+  compile_only_s = time.perf_counter() - t
+
+  mem = compiled.memory_analysis()
+  peak_bytes = None
+  if mem is not None:
+    peak_bytes = int(mem.argument_size_in_bytes + mem.output_size_in_bytes +
+                     mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+
+  rss_total = _rss_bytes('VmHWM')
+  reset = _reset_peak_rss()
+  state, metrics = compiled(state, batches[0])  # warm-up
+  jax.block_until_ready(metrics)
+  times = []
+  for i in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batches[i % 2])
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  loss = float(jax.device_get(metrics['train_loss']))
+  rss_steps = _rss_bytes('VmHWM') if reset else None
+
+  device = jax.devices()[0]
+  return {
+      'method': method_name, 'size': size, 'order': order,
+      'init_channels': config.init_channels, 'layers': config.layers,
+      'batch_size': config.batch_size,
+      'depthwise_impl': config.depthwise_impl,
+      'share_backward': config.share_backward,
+      'compile_s': round(lower_s + compile_only_s, 2),
+      'lower_s': round(lower_s, 2),
+      'step_s': round(statistics.median(times), 4),
+      'step_times_s': [round(x, 4) for x in times],
+      'peak_bytes': peak_bytes,
+      'temp_bytes': None if mem is None else int(mem.temp_size_in_bytes),
+      'peak_rss_bytes': rss_steps,
+      'peak_rss_total_bytes': max(rss_total, _rss_bytes('VmHWM')),
+      'init_s': round(init_s, 2),
+      'final_train_loss': loss,
+      'backend': jax.default_backend(), 'device': device.device_kind,
+      'num_devices': jax.local_device_count(),
+      'cpu_count': os.cpu_count(), 'python': platform.python_version(),
+      'jax': jax.__version__,
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _CACHE.value:
+    from experiments import common  # pylint: disable=g-import-not-at-top
+    common.enable_compilation_cache()
+  result = run(_METHOD.value, _SIZE.value, _ORDER.value, _STEPS.value,
+               _DEPTHWISE.value, _BATCH.value, _SHARE.value)
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  app.run(main)
