@@ -1,44 +1,275 @@
-"""The search entry point end to end on a tiny config."""
+"""The search entry point: outputs, exact resume after SIGKILL / SIGTERM, and
+clear errors for bad input that leave existing checkpoints untouched.
 
+The runs are real subprocesses of `python -m experiments.search` sharing one
+persistent compilation cache, so only the first one compiles.
+"""
+
+import glob
 import json
 import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
 import tempfile
+import time
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
+from PIL import Image
 
 from experiments import search
 from experiments.configs import darts as darts_config
+from jaxnas import checkpoint
+from jaxnas import data
 from jaxnas.spaces import genotype as genotype_lib
+from tests import fixtures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 2 epochs x 4 steps, a checkpoint every 2 steps.
+OVERRIDES = dict(epochs=2, max_steps_per_epoch=4, checkpoint_every_steps=2,
+                 log_every_steps=2, max_eval_examples=200)
+ARGS = ('--config=experiments/configs/darts.py:tiny',
+        *(f'--config.{k}={v}' for k, v in OVERRIDES.items()))
+TOTAL_STEPS = 8
 
 
-class SearchTest(absltest.TestCase):
+def _tiny_config():
+  config = darts_config.get_config('tiny')
+  config.update(OVERRIDES)
+  config.progress = False
+  return config
 
-  def test_tiny_search_writes_a_valid_genotype(self):
+
+def _snapshot(path):
+  """{relative path: (size, mtime)} of every file under `path`."""
+  out = {}
+  for dirpath, _, files in os.walk(path):
+    for name in files:
+      full = os.path.join(dirpath, name)
+      st = os.stat(full)
+      out[os.path.relpath(full, path)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def _not_blank(test, path):
+  with Image.open(path) as im:
+    pixels = np.asarray(im.convert('RGB'), np.float32)
+  test.assertGreater(pixels.shape[0] * pixels.shape[1], 10_000, path)
+  test.assertGreater(pixels.std(), 5., f'{path} looks blank')
+
+
+def _tb_scalars(logdir):
+  """{tag: [(step, value)]} read from the TensorBoard event files."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in sorted(glob.glob(os.path.join(logdir, 'events.out.*'))):
+    with open(path, 'rb') as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack('<Q', data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
+class SearchRunTest(absltest.TestCase):
+  """One uninterrupted reference run, then interrupted runs against it."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp()
+    cls.env = dict(os.environ, JAXNAS_CACHE_DIR=os.path.join(cls.tmp, 'xla'),
+                   PYTHONPATH=ROOT)
+    cls.ref = os.path.join(cls.tmp, 'ref')
+    proc = cls.run_search(cls.ref)
+    if proc.returncode:
+      raise AssertionError(f'reference run failed:\n{proc.stderr[-3000:]}')
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.tmp, ignore_errors=True)
+    super().tearDownClass()
+
+  @classmethod
+  def command(cls, workdir, *extra):
+    return [sys.executable, '-m', 'experiments.search', *ARGS,
+            f'--workdir={workdir}', *extra]
+
+  @classmethod
+  def run_search(cls, workdir, *extra):
+    return subprocess.run(cls.command(workdir, *extra), cwd=ROOT, env=cls.env,
+                          capture_output=True, text=True, timeout=900)
+
+  def start_and_signal(self, workdir, signum, after_step):
+    """Runs on `workdir`; sends `signum` once checkpoint `after_step` exists.
+
+    Returns (return code, stdout, stderr).
+    """
+    proc = subprocess.Popen(self.command(workdir), cwd=ROOT, env=self.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    ready = os.path.join(workdir, 'checkpoints', str(after_step))
+    deadline = time.time() + 600
+    while not os.path.isdir(ready) and proc.poll() is None:
+      self.assertLess(time.time(), deadline, 'no checkpoint after 600 s')
+      time.sleep(0.05)
+    self.assertIsNone(proc.poll(), 'the run ended before it was signalled')
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+  def assert_same_result(self, workdir):
+    with np.load(os.path.join(self.ref, 'alphas.npz')) as a, \
+        np.load(os.path.join(workdir, 'alphas.npz')) as b:
+      self.assertEqual(sorted(a.files), sorted(b.files))
+      for k in a.files:
+        self.assertEqual(a[k].tobytes(), b[k].tobytes(), k)  # bitwise
+    for name in ('genotype.json', 'metrics.jsonl'):
+      with open(os.path.join(self.ref, name)) as f, \
+          open(os.path.join(workdir, name)) as g:
+        self.assertEqual(f.read(), g.read(), name)
+
+  def test_workdir_outputs(self):
+    wd = self.ref
+    self.assertEqual(checkpoint.Checkpointer(
+        os.path.join(wd, 'checkpoints')).latest_step(), TOTAL_STEPS)
+    for e in range(2):
+      with open(os.path.join(wd, 'genotypes', f'epoch_{e:03d}.json')) as f:
+        genotype_lib.Genotype.from_json(f.read()).validate()
+      self.assertTrue(os.path.exists(
+          os.path.join(wd, 'alphas', f'epoch_{e:03d}.npz')))
+    with open(os.path.join(wd, 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f]
+    epochs = [r for r in records if 'valid_acc' in r]
+    self.assertEqual([r['epoch'] for r in epochs], [0, 1])
+    self.assertEqual([r['step'] for r in epochs], [4, 8])
+    for r in epochs:
+      self.assertTrue(np.isfinite(r['train_loss']))
+      self.assertBetween(r['valid_acc'], 0., 1.)
+    self.assertLen([r for r in records if 'genotype' in r], 2)
+    scalars = _tb_scalars(os.path.join(wd, 'tensorboard'))
+    self.assertEqual([s for s, _ in scalars['epoch/valid_acc']], [4, 8])
+    self.assertEqual([s for s, _ in scalars['train/train_loss']],
+                     [2, 4, 6, 8])
+    for name in ('normal.png', 'reduce.png', 'alpha_heatmap.png',
+                 'alpha_trajectories.png'):
+      _not_blank(self, os.path.join(wd, name))
+    with open(os.path.join(wd, 'config.json')) as f:
+      self.assertEqual(json.load(f)['epochs'], 2)
+
+  def test_sigkill_then_sigterm_then_resume_is_exact(self):
+    wd = os.path.join(self.tmp, 'interrupted')
+    # SIGKILL once checkpoint 2 exists: nothing is saved on the way out.
+    rc, _, err = self.start_and_signal(wd, signal.SIGKILL, after_step=2)
+    self.assertEqual(rc, -signal.SIGKILL, err[-2000:])
+    # Resume, then SIGTERM once checkpoint 4 exists: a checkpoint of the step
+    # it stopped at is written before the process exits.
+    rc, out, err = self.start_and_signal(wd, signal.SIGTERM, after_step=4)
+    self.assertIn('resuming', out)
+    self.assertEqual(rc, 128 + signal.SIGTERM, err[-2000:])
+    stopped = int(err.split('stopped by SIGTERM at step ')[1].split(';')[0])
+    self.assertEqual(checkpoint.Checkpointer(
+        os.path.join(wd, 'checkpoints')).latest_step(), stopped)
+    # Resume to the end: bitwise the uninterrupted run's alphas and logs.
+    proc = self.run_search(wd)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn(f'from step {stopped}', proc.stdout)
+    self.assert_same_result(wd)
+
+  def test_bad_input_fails_clearly_and_leaves_checkpoints(self):
+    before = _snapshot(self.ref)
+    bad = [
+        ('method', 'enas', 'unknown method'),
+        ('dataset', 'mnist-9000', 'unknown dataset'),
+        ('primitives', ('sep_conv_3x3', 'conv_9x9'), 'unknown operations'),
+        ('space', 'nb201', 'does not search space'),
+        ('init_channels', 0, 'init_channels must be a positive integer'),
+        ('batch_size', -4, 'batch_size must be a positive integer'),
+        ('epochs', 0, 'epochs must be a positive integer'),
+        ('order', 'third', 'order must be one of'),
+    ]
+    for field, value, message in bad:
+      with self.subTest(field):
+        config = _tiny_config()
+        config[field] = value
+        with self.assertRaisesRegex(search.ConfigError, message):
+          search.search(config, self.ref)
+    config = _tiny_config()
+    config.init_channels = 8  # the checkpoint holds a 4-channel network
+    with self.assertRaisesRegex(checkpoint.CheckpointError,
+                                'does not match this run'):
+      search.search(config, self.ref)
+    self.assertEqual(_snapshot(self.ref), before)
+
+  def test_unknown_key_and_bad_value_exit_before_anything(self):
+    wd = os.path.join(self.tmp, 'never')
+    proc = self.run_search(wd, '--config.no_such_field=1')
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn('no_such_field', proc.stderr)
+    proc = self.run_search(wd, '--config.layers=-1')
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn('layers must be a positive integer', proc.stderr)
+    self.assertFalse(os.path.exists(wd))
+
+  def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(self):
+    # A NaN pixel in the weights batch of step 5: steps 0-4 are good, the
+    # checkpoint of step 4 must survive and step 6's must not be written.
+    original = data.SearchBatches.batch
+
+    def batch_with_nan(self_, step):
+      b = original(self_, step)
+      if step == 5:
+        b['train']['image'] = b['train']['image'].copy()
+        b['train']['image'][0, 0, 0, 0] = np.nan
+      return b
+
+    wd = os.path.join(self.tmp, 'nan')
+    config = _tiny_config()
+    config.layers, config.steps, config.multiplier = 1, 1, 1  # compiles fast
+    with mock.patch.object(data.SearchBatches, 'batch', batch_with_nan):
+      with self.assertRaisesRegex(FloatingPointError,
+                                  'non-finite metrics at step 5 '):
+        search.search(config, wd)
+    ckpt = checkpoint.Checkpointer(os.path.join(wd, 'checkpoints'))
+    self.assertEqual(ckpt.all_steps(), [2, 4])
+    with open(os.path.join(wd, 'metrics.jsonl')) as f:
+      steps = [json.loads(line)['step'] for line in f]
+    self.assertEqual(max(steps), 4)
+
+
+class DataTest(absltest.TestCase):
+
+  def test_search_on_real_cifar10_image_folder(self):
+    root = fixtures.cifar10_folder()
+    if root is None:
+      self.skipTest(f'{fixtures.CIFAR10_TARBALL} is absent: no real CIFAR-10 '
+                    'to search on')
     config = darts_config.get_config('tiny')
-    config.epochs = 1
-    config.max_steps_per_epoch = 3
+    config.dataset = 'folder:' + root
+    config.crop_padding, config.flip = 4, True
+    config.layers, config.steps, config.multiplier = 1, 2, 2
+    config.batch_size, config.epochs, config.max_steps_per_epoch = 8, 1, 3
+    config.max_eval_examples = config.eval_batch_size = 500
+    config.progress = False
     workdir = tempfile.mkdtemp()
-    state, genotype = search.search(config, workdir)
-    with open(os.path.join(workdir, 'genotype.json')) as f:
-      loaded = genotype_lib.Genotype.from_json(f.read())
-    self.assertEqual(loaded, genotype)
-    self.assertLen(loaded.normal, 8)
-    self.assertLen(loaded.reduce, 8)
-    self.assertEqual(int(state.step), 3)
-    for name in ('normal.png', 'reduce.png', 'genotype.txt', 'alphas.npz'):
-      self.assertTrue(os.path.exists(os.path.join(workdir, name)), name)
+    self.addCleanup(shutil.rmtree, workdir, True)
+    with mock.patch.dict(os.environ, {'JAXNAS_DATA_CACHE': 'off'}):
+      search.search(config, workdir)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      record = json.loads(f.readline())
-    self.assertTrue(np.isfinite(record['train_loss']))
-    self.assertBetween(record['valid_acc'], 0., 1.)
-    alphas = np.load(os.path.join(workdir, 'alphas.npz'))
-    np.testing.assert_allclose(alphas['weights_normal'].sum(-1), 1.,
-                               rtol=1e-5)
-
-  def test_unknown_variant(self):
-    with self.assertRaisesRegex(ValueError, 'unknown variant'):
-      darts_config.get_config('imagenet-9000')
+      records = [json.loads(line) for line in f]
+    losses = [r['train_loss'] for r in records if 'train_loss' in r]
+    self.assertNotEmpty(losses)
+    self.assertTrue(np.all(np.isfinite(losses)))
+    epoch = [r for r in records if 'valid_acc' in r][0]
+    self.assertBetween(epoch['valid_acc'], 0., 1.)
 
 
 if __name__ == '__main__':

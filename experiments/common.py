@@ -1,0 +1,164 @@
+"""Pieces every entry point shares: logging, progress, signals, XLA cache.
+
+Only process 0 writes logs (JSON lines, TensorBoard events) and pictures; every
+process runs the same loop and takes part in checkpoints.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+
+
+def is_chief() -> bool:
+  """Whether this is process 0 (the one that writes logs and pictures)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
+def atomic_write(path: str, text: str) -> None:
+  """Writes `text` to `path` so that readers never see half a file."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def enable_compilation_cache() -> None:
+  """Uses JAX's persistent compilation cache (JAXNAS_CACHE_DIR moves it;
+  an empty value turns it off)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.environ.get('JAXNAS_CACHE_DIR',
+                        os.path.expanduser('~/.cache/jaxnas/xla'))
+  if path:
+    jax.config.update('jax_compilation_cache_dir', path)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
+
+
+class MetricLog:
+  """Metrics to `<workdir>/metrics.jsonl` and TensorBoard (process 0 only).
+
+  Every record carries the global `step` it describes. On resume from step s,
+  `truncate(s)` drops the lines a killed run wrote after its last checkpoint,
+  so the file reads as one uninterrupted run.
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.enabled = is_chief()
+    self._tb = None
+    if self.enabled and tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                               flush_secs=30)
+
+  def truncate(self, step: int) -> None:
+    """Keeps only the records of steps <= `step`."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      kept = [line for line in f
+              if line.strip() and json.loads(line).get('step', 0) <= step]
+    atomic_write(self.path, ''.join(kept))
+
+  def write(self, step: int, record: Mapping[str, Any],
+            prefix: str = '') -> None:
+    """Appends `record` (JSON-serialisable) with its step; scalars to TB."""
+    if not self.enabled:
+      return
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'step': step, **record}) + '\n')
+    if self._tb is not None:
+      for k, v in record.items():
+        if isinstance(v, (int, float, np.floating, np.integer)) and k != 'epoch':
+          self._tb.add_scalar(prefix + k, float(v), step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """A progress bar with ETA over the run's steps (tqdm, on stderr)."""
+
+  def __init__(self, total: int, initial: int = 0, enabled: bool = True,
+               desc: str = 'search'):
+    self._bar = None
+    if enabled and is_chief():
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm.tqdm(total=total, initial=initial, desc=desc,
+                            unit='step', file=sys.stderr, dynamic_ncols=True,
+                            smoothing=0.1)
+
+  def update(self, n: int = 1, **postfix) -> None:
+    if self._bar is not None:
+      self._bar.update(n)
+      if postfix:
+        self._bar.set_postfix(postfix, refresh=False)
+
+  def write(self, text: str) -> None:
+    """Prints `text` (process 0) without breaking the bar."""
+    if self._bar is not None:
+      self._bar.write(text)
+    elif is_chief():
+      print(text, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+class StopSignals:
+  """Catches SIGTERM / SIGINT so the loop can checkpoint and exit cleanly.
+
+  Inside the `with` block a signal only sets `received`; the loop checks it
+  after each step. A second SIGINT interrupts at once.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: Optional[int] = None
+    self._old: Dict[int, Any] = {}
+
+  def _handle(self, signum, frame):
+    if self.received == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signum
+    print(f'\nreceived {signal.Signals(signum).name}: saving a checkpoint '
+          'after the current step', file=sys.stderr, flush=True)
+    del frame
+
+  def __enter__(self):
+    for s in self.SIGNALS:
+      try:
+        self._old[s] = signal.signal(s, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+class Interrupted(Exception):
+  """The run stopped on a signal after saving its checkpoint."""
+
+  def __init__(self, signum: int, step: int):
+    self.signum, self.step = signum, step
+    super().__init__(f'stopped by {signal.Signals(signum).name} at step '
+                     f'{step}; the checkpoint is saved: run the same command '
+                     'again to resume')
+
+
+class Timer:
+  def __init__(self):
+    self.start = time.time()
+
+  def __call__(self) -> float:
+    return time.time() - self.start
