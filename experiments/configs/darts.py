@@ -60,8 +60,8 @@ def get_config(variant: str = 'digits') -> ml_collections.ConfigDict:
   c.arch_weight_decay = 1e-3
   c.arch_init_scale = 1e-3        # code: 1e-3 * randn; paper: zeros (use 0.)
   c.fd_r = 0.01                   # R = fd_r / ||v|| (second order)
-  # First order only: one compiled forward/backward for both phases; about
-  # half the compile time for about a fifth more time per step on a CPU.
+  # First order only: one compiled forward/backward for both phases; 27% less
+  # compile time but 12x slower steps on XLA:CPU (BENCHMARKS.md).
   c.share_backward = False
   # Logging and checkpoints.
   c.log_every_steps = 50

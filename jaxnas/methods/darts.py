@@ -126,9 +126,10 @@ def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
   batch) run as two iterations of one `lax.scan` whose body takes gradients
   with respect to both weights and alphas and applies the phase's update, so
   XLA compiles the supernet's forward and backward once instead of twice
-  (about half the compile time). The price is the weight gradients the
-  architecture phase computes and discards (roughly a fifth more work per
-  step on a CPU). Same updates and metrics as `search_step` with
+  (27% less compile time for the `small` benchmark). The price: the weight
+  gradients the architecture phase computes and discards, and, on XLA:CPU,
+  convolutions inside the loop body ran 12x slower (BENCHMARKS.md), so use
+  it only for compile-bound runs. Same updates and metrics as `search_step` with
   order='first'; it needs both batches to have the same shapes.
   """
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
@@ -207,8 +208,8 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
     fd_r: finite-difference scale of second order.
     sync_bn: average BN statistics across devices in mapped steps.
     share_backward: first order only: compile one forward/backward for both
-      phases (`shared_first_order_step`): about half the compile time for
-      about a fifth more time per step on a CPU.
+      phases (`shared_first_order_step`): less compile time, slower steps
+      (12x on XLA:CPU; see BENCHMARKS.md).
 
   Returns:
     The method's pure functions.
