@@ -146,7 +146,7 @@ RESUME_IGNORE = ('workdir', 'data_dir', 'log_every_steps', 'eval_batch_size',
                  'tensorboard', 'variant', 'max_eval_examples')
 
 
-def _epoch_outputs(workdir, epoch, state, genotype, net, primitives):
+def _epoch_outputs(workdir, epoch, state, genotype, primitives):
   """Writes the genotype, alphas and pictures after `epoch` (process 0)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -171,10 +171,9 @@ def _epoch_outputs(workdir, epoch, state, genotype, net, primitives):
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
   viz.plot_genotype(genotype, os.path.join(workdir, ''))
-  labels = {t: [f'{j}\u2192{i}' for i, j in _edges(net.steps)]
-            for t in weights}
   # Only ops offered on every edge can share columns; the DARTS space's are.
-  viz.plot_alpha_heatmap(weights, labels, primitives,
+  # Edges are labelled 'j→i' in the reference's order (viz's default).
+  viz.plot_alpha_heatmap(weights, None, primitives,
                          os.path.join(workdir, 'alpha_heatmap.png'))
   history = []
   for e in range(epoch + 1):
@@ -182,13 +181,7 @@ def _epoch_outputs(workdir, epoch, state, genotype, net, primitives):
                  allow_pickle=False) as f:
       history.append({t: f[f'weights_{t}'] for t in weights})
   viz.plot_alpha_trajectories(history, primitives,
-                              os.path.join(workdir, 'alpha_trajectories.png'),
-                              labels)
-
-
-def _edges(steps):
-  """(node, input) of each edge in edge order (nodes 0, 1 are the inputs)."""
-  return [(2 + i, j) for i in range(steps) for j in range(2 + i)]
+                              os.path.join(workdir, 'alpha_trajectories.png'))
 
 
 def search(config, workdir: str):
@@ -229,7 +222,7 @@ def search(config, workdir: str):
   if config.get('max_eval_examples'):
     eval_split = arch_half.take(np.arange(
         min(config.max_eval_examples, len(arch_half))))
-  net, method = build(config, ds.num_classes, steps_per_epoch)
+  _, method = build(config, ds.num_classes, steps_per_epoch)
   primitives = tuple(config.get('primitives', ops.DARTS_PRIMITIVES))
   chief = common.is_chief()
 
@@ -286,13 +279,14 @@ def search(config, workdir: str):
     pending.clear()
     return last
 
-  saved = [start]  # the last step checkpointed
+  saved = start  # the last step checkpointed
 
   def save(step):
+    nonlocal saved
     flush()
-    if saved[0] == step:
+    if saved == step:
       return
-    saved[0] = step
+    saved = step
     ckpt.save(step, state, {'config_fingerprint': fingerprint, 'step': step,
                             'epoch_sums': sums, 'epoch_count': count},
               force=True)
@@ -332,11 +326,9 @@ def search(config, workdir: str):
                         valid_acc=totals['correct'] / totals['count'])
           genotype = method.derive(state)
           log.write(done, record, prefix='epoch/')
+          log.write(done, {'epoch': epoch, 'genotype': genotype.to_dict()})
           if chief:
-            with open(log.path, 'a') as f:  # the genotype, beside the record
-              f.write(json.dumps({'step': done, 'epoch': epoch,
-                                  'genotype': genotype.to_dict()}) + '\n')
-            _epoch_outputs(workdir, epoch, state, genotype, net, primitives)
+            _epoch_outputs(workdir, epoch, state, genotype, primitives)
           progress.write(
               f"epoch {epoch}: lr {record['lr']:.6f} | train loss "
               f"{record['train_loss']:.4f} acc {record['train_acc']:.4f} | "

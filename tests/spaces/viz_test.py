@@ -10,17 +10,8 @@ from PIL import Image
 
 from jaxnas.spaces import genotype as genotype_lib
 from jaxnas.spaces import viz
-
-PRIMITIVES = ('none', 'max_pool_3x3', 'avg_pool_3x3', 'skip_connect',
-              'sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5')
-DARTS_V2 = (
-    "Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), "
-    "('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 1), "
-    "('skip_connect', 0), ('skip_connect', 0), ('dil_conv_3x3', 2)], "
-    "normal_concat=[2, 3, 4, 5], reduce=[('max_pool_3x3', 0), "
-    "('max_pool_3x3', 1), ('skip_connect', 2), ('max_pool_3x3', 1), "
-    "('max_pool_3x3', 0), ('skip_connect', 2), ('skip_connect', 2), "
-    "('max_pool_3x3', 1)], reduce_concat=[2, 3, 4, 5])")
+from tests.spaces.genotype_test import DARTS_V2
+from tests.spaces.genotype_test import PRIMS as PRIMITIVES
 
 
 def _softmax_weights(rng, edges=14, ops=8):
