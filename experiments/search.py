@@ -15,6 +15,14 @@ checkpoint (exactly: the batches are a pure function of (seed, step), so a
 resumed run ends with the alphas of an uninterrupted one). SIGTERM / SIGINT
 save a checkpoint and exit; a non-finite loss stops the run without saving.
 
+Devices and hosts: the step runs data-parallel over every local device
+(`--config.parallel=pmap`, the default; `shard_map` or `jit` on one device),
+with one synchronised architecture. On several hosts (a TPU pod slice, or
+several processes on one machine) set `--config.distributed=True` and start
+the same command on every host; see README.md. `--config.num_seeds=N` runs N
+searches (seeds seed, seed+1, ...) as one vmapped program, each in
+`seed_<seed>/`, with `seeds.json` counting how often each op and edge won.
+
 Workdir layout:
 
   config.json                 the resolved config
@@ -27,6 +35,8 @@ Workdir layout:
   normal.png, reduce.png      drawings of the latest cells
   alpha_heatmap.png           the latest mixing weights per edge and op
   alpha_trajectories.png      mixing weights over the epochs
+  seed_<seed>/, seeds.json    with num_seeds > 1: the genotype files above per
+                              seed, and the choices counted over seeds
 """
 
 import json
@@ -53,7 +63,8 @@ _WORKDIR = flags.DEFINE_string(
 METHOD_SPACES = {'darts': ('darts',)}
 _POSITIVE_INTS = ('batch_size', 'epochs', 'init_channels', 'layers', 'steps',
                   'multiplier', 'stem_multiplier', 'eval_batch_size',
-                  'checkpoint_every_steps', 'keep_checkpoints')
+                  'checkpoint_every_steps', 'keep_checkpoints', 'num_seeds')
+_PARALLEL_MODES = ('pmap', 'shard_map', 'jit')  # jaxnas.parallel.MODES
 _POSITIVE_FLOATS = ('lr', 'arch_lr')
 
 
@@ -107,6 +118,13 @@ def validate(config) -> None:
   if config.get('depthwise_impl', 'auto') not in ops.DEPTHWISE_IMPLS:
     problems.append(f'depthwise_impl must be one of {ops.DEPTHWISE_IMPLS}, '
                     f"got {config.get('depthwise_impl')!r}")
+  if config.get('parallel', 'pmap') not in _PARALLEL_MODES:
+    problems.append(f'parallel must be one of {_PARALLEL_MODES}, got '
+                    f"{config.get('parallel')!r}")
+  nd = config.get('num_devices')
+  if nd is not None and (not isinstance(nd, int) or nd <= 0):
+    problems.append(f'num_devices must be a positive integer or None, got '
+                    f'{nd!r}')
   if problems:
     raise ConfigError('invalid config:\n  ' + '\n  '.join(problems) +
                       '\nFix it with --config.<field>=<value>; nothing was '
@@ -117,6 +135,7 @@ def build(config, num_classes: int, steps_per_epoch: int):
   """The search network and method of `config`."""
   # Imported here so that `--help` answers without starting JAX.
   from jaxnas import ops  # pylint: disable=g-import-not-at-top
+  from jaxnas import parallel  # pylint: disable=g-import-not-at-top
   from jaxnas.methods import darts  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import darts as darts_space  # pylint: disable=g-import-not-at-top
   if config.method not in METHOD_SPACES:
@@ -127,7 +146,8 @@ def build(config, num_classes: int, steps_per_epoch: int):
       steps=config.steps, multiplier=config.multiplier,
       stem_multiplier=config.stem_multiplier,
       primitives=tuple(config.get('primitives', ops.DARTS_PRIMITIVES)),
-      depthwise_impl=config.depthwise_impl)
+      depthwise_impl=config.depthwise_impl,
+      bn_axis_name=parallel.AXIS if config.get('sync_bn', True) else None)
   method = darts.make(
       net, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
       order=config.order, lr=config.lr, lr_min=config.lr_min,
@@ -141,9 +161,13 @@ def build(config, num_classes: int, steps_per_epoch: int):
 
 
 # Config fields that do not change what a checkpoint means.
+# A run may resume on other hardware: the device count and layout, and how the
+# processes find each other, are not part of what a checkpoint means.
 RESUME_IGNORE = ('workdir', 'data_dir', 'log_every_steps', 'eval_batch_size',
                  'checkpoint_every_steps', 'keep_checkpoints', 'progress',
-                 'tensorboard', 'variant', 'max_eval_examples')
+                 'tensorboard', 'variant', 'max_eval_examples', 'parallel',
+                 'num_devices', 'distributed', 'coordinator_address',
+                 'num_processes', 'process_id')
 
 
 def _epoch_outputs(workdir, epoch, state, genotype, primitives):
@@ -184,11 +208,92 @@ def _epoch_outputs(workdir, epoch, state, genotype, primitives):
                               os.path.join(workdir, 'alpha_trajectories.png'))
 
 
+def _stack(trees):
+  """Stacks a list of identical pytrees along a new leading axis."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda *xs: np.stack(xs), *trees)
+
+
+class _Seeds:
+  """One search, or `num_seeds` independent ones as one vmapped program.
+
+  Seed i is `config.seed + i`: its init key, data order and augmentation are
+  those of a single-seed run with that seed. State leaves get a leading seed
+  axis; batches are stacked on axis 1 ([B, seeds, ...]) so that the batch
+  axis stays first for host and device sharding.
+  """
+
+  def __init__(self, config, method, batches_fn):
+    import jax  # pylint: disable=g-import-not-at-top
+    self.seeds = [config.seed + i for i in range(config.get('num_seeds', 1))]
+    self.many = len(self.seeds) > 1
+    self.method = method
+    self.batches = [batches_fn(s) for s in self.seeds]
+    if self.many:
+      self.step = jax.vmap(method.step, in_axes=(0, 1))
+      self.eval_step = jax.vmap(method.eval_step, in_axes=(0, None))
+    else:
+      self.step, self.eval_step = method.step, method.eval_step
+
+  def init(self, sample):
+    """The initial state(s); each seed's equals its single-seed run's."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    states = [self.method.init(jax.random.PRNGKey(s), sample)
+              for s in self.seeds]
+    if not self.many:
+      return states[0]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+  def batch(self, step):
+    if not self.many:
+      return self.batches[0].batch(step)
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    return jax.tree.map(lambda *xs: np.stack(xs, axis=1),
+                        *[b.batch(step) for b in self.batches])
+
+  def each(self, host_state):
+    """(seed, that seed's state) for every seed."""
+    import jax  # pylint: disable=g-import-not-at-top
+    if not self.many:
+      return [(self.seeds[0], host_state)]
+    return [(s, jax.tree.map(lambda x, i=i: x[i], host_state))
+            for i, s in enumerate(self.seeds)]
+
+
+def _seed_summary(workdir, results):
+  """Writes seeds.json: per-seed genotypes and accuracies, choice counts."""
+  from jaxnas.spaces import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
+  counts = genotype_lib.choice_counts([g for _, g, _ in results])
+  summary = {
+      'seeds': [{'seed': s, 'valid_acc': acc, 'genotype': g.to_dict()}
+                for s, g, acc in results],
+      'counts': counts}
+  common.atomic_write(os.path.join(workdir, 'seeds.json'),
+                      json.dumps(summary, indent=1))
+  return summary
+
+
+def _any_process(flag: int) -> int:
+  """The largest `flag` over all processes (every process must call it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def search(config, workdir: str):
   """Runs (or resumes) the search of `config` in `workdir`.
 
+  Every process of a multi-host run calls this with the same arguments.
+
   Returns:
-    (final SearchState, Genotype).
+    (final SearchState on the host, Genotype); with `num_seeds` > 1 the state
+    has a leading seed axis and the genotype is a list, one per seed.
 
   Raises:
     ConfigError: before anything is compiled or written, for a bad config.
@@ -203,15 +308,28 @@ def search(config, workdir: str):
   from jaxnas import checkpoint  # pylint: disable=g-import-not-at-top
   from jaxnas import data  # pylint: disable=g-import-not-at-top
   from jaxnas import ops  # pylint: disable=g-import-not-at-top
+  from jaxnas import parallel  # pylint: disable=g-import-not-at-top
+  from jaxnas.spaces import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
 
+  if config.get('distributed', False):
+    parallel.initialize_distributed(config.get('coordinator_address'),
+                                    config.get('num_processes'),
+                                    config.get('process_id'))
+  par = parallel.DataParallel(config.get('parallel', 'pmap'),
+                              config.get('num_devices'))
+  if config.batch_size % par.num_devices:
+    raise ConfigError(
+        f'batch_size={config.batch_size} is not divisible by the '
+        f'{par.num_devices} devices ({jax.process_count()} process(es)); set '
+        '--config.batch_size or --config.num_devices')
+  # Evaluation pads its last batch anyway: round its size up to the devices.
+  eval_batch_size = -(-config.eval_batch_size // par.num_devices) * (
+      par.num_devices)
   ds = data.load(config.dataset, config.data_dir)
   weights_half, arch_half = data.split(ds.train, config.train_portion)
   augment = (data.Augment(config.crop_padding, config.flip)
              if config.crop_padding or config.flip else None)
-  batches = data.SearchBatches(
-      weights_half, arch_half, batch_size=config.batch_size, seed=config.seed,
-      augment=augment, mean=ds.mean, std=ds.std)
-  steps_per_epoch = batches.steps_per_epoch
+  steps_per_epoch = len(weights_half) // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f'batch_size {config.batch_size} is larger than the '
                       f'{len(weights_half)} examples of the weights half')
@@ -223,49 +341,72 @@ def search(config, workdir: str):
     eval_split = arch_half.take(np.arange(
         min(config.max_eval_examples, len(arch_half))))
   _, method = build(config, ds.num_classes, steps_per_epoch)
+  seeds = _Seeds(config, method, lambda seed: data.SearchBatches(
+      weights_half, arch_half, batch_size=config.batch_size, seed=seed,
+      augment=augment, mean=ds.mean, std=ds.std))
   primitives = tuple(config.get('primitives', ops.DARTS_PRIMITIVES))
   chief = common.is_chief()
+  rank, hosts = jax.process_index(), jax.process_count()
+
+  def put_batch(global_batch):
+    return par.put_batch(data.host_slice(global_batch, rank, hosts))
 
   config_dict = config.to_dict()
   fingerprint = checkpoint.config_fingerprint(config_dict, RESUME_IGNORE)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                  max_to_keep=config.keep_checkpoints)
-  sample = batches.batch(0)['train']['image'][:1]
-  key = jax.random.PRNGKey(config.seed)
+  sample = seeds.batches[0].batch(0)['train']['image'][:1]
   start = ckpt.latest_step()
   if start is None:
-    state = method.init(key, sample)
+    state = par.put_state(seeds.init(sample))
     sums, count = {}, 0
     msg = (f'{config.method} search on {config.dataset}: '
            f'{len(weights_half)} weight / {len(arch_half)} architecture '
            f'examples, {config.epochs} epochs x {steps_per_epoch} steps of '
            f'{config.batch_size}, C={config.init_channels}, {config.layers} '
-           f'cells, order={config.order}')
+           f'cells, order={config.order}, {par.num_devices} device(s) '
+           f'({config.get("parallel", "pmap")}, {hosts} process(es))')
+    if seeds.many:
+      msg += f', seeds {seeds.seeds} vmapped'
   else:
-    abstract = jax.eval_shape(method.init, key, sample)
-    state, meta = ckpt.restore(abstract, start,
+    abstract = jax.eval_shape(seeds.init, sample)
+    state, meta = ckpt.restore(par.restore_target(abstract), start,
                                expect={'config_fingerprint': fingerprint})
-    sums, count = meta['epoch_sums'], meta['epoch_count']
+    state = par.from_global(state)
+    sums = {k: np.asarray(v) for k, v in meta['epoch_sums'].items()}
+    count = meta['epoch_count']
     msg = f'resuming {workdir} from step {start} of {total_steps}'
   start = start or 0
-  os.makedirs(workdir, exist_ok=True)
   if chief:
+    os.makedirs(workdir, exist_ok=True)
     common.atomic_write(os.path.join(workdir, 'config.json'),
                         json.dumps(config_dict, indent=2, default=repr))
   log = common.MetricLog(workdir, config.get('tensorboard', True))
   log.truncate(start)
-  print(msg, flush=True)
+  if chief:
+    print(msg, flush=True)
 
-  step_fn = jax.jit(method.step, donate_argnums=0)
-  eval_fn = jax.jit(method.eval_step)
+  step_fn = par.step(seeds.step)
+  eval_fn = par.step(seeds.eval_step, donate=False)
   pending = []  # (step, device metrics) not yet fetched
+
+  def scalars(values):
+    """Metric arrays (per seed with num_seeds > 1) as loggable numbers."""
+    out = {}
+    for k, v in values.items():
+      v = np.asarray(v, np.float64)
+      out[k] = float(v.mean())
+      if seeds.many:
+        out[f'{k}_seeds'] = v.tolist()
+    return out
 
   def flush():
     """Fetches pending metrics (one host sync), checks them, adds them up."""
     nonlocal count
-    fetched = jax.device_get([m for _, m in pending])
+    fetched = jax.device_get([par.get_state(m) for _, m in pending])
     for (s, _), m in zip(pending, fetched):
-      bad = {k: float(v) for k, v in m.items() if not np.isfinite(v)}
+      bad = {k: np.asarray(v).tolist() for k, v in m.items()
+             if not np.all(np.isfinite(v))}
       if bad:
         raise FloatingPointError(
             f'non-finite metrics at step {s} (epoch {s // steps_per_epoch}): '
@@ -273,7 +414,7 @@ def search(config, workdir: str):
             f'good checkpoint is step {ckpt.latest_step()} in {workdir} '
             '(nothing after it was saved).')
       for k, v in m.items():
-        sums[k] = sums.get(k, 0.) + float(v)
+        sums[k] = sums.get(k, 0.) + np.asarray(v, np.float64)
       count += 1
     last = fetched[-1] if fetched else None
     pending.clear()
@@ -287,19 +428,26 @@ def search(config, workdir: str):
     if saved == step:
       return
     saved = step
-    ckpt.save(step, state, {'config_fingerprint': fingerprint, 'step': step,
-                            'epoch_sums': sums, 'epoch_count': count},
-              force=True)
+    ckpt.save(step, par.to_global(state),
+              {'config_fingerprint': fingerprint, 'step': step,
+               'epoch_sums': {k: np.asarray(v).tolist()
+                              for k, v in sums.items()},
+               'epoch_count': count}, force=True)
+
+  def derive_all():
+    host = jax.device_get(par.get_state(state))
+    return host, [(s, method.derive(st)) for s, st in seeds.each(host)]
 
   progress = common.Progress(total_steps, start,
                              enabled=config.get('progress', True))
-  genotype = method.derive(state)
+  host_state, genotypes = derive_all()
+  valid_acc = None
   timer = common.Timer()
   try:
     with common.StopSignals() as signals:
       for step in range(start, total_steps):
         epoch, i = divmod(step, steps_per_epoch)
-        state, metrics = step_fn(state, batches.batch(step))
+        state, metrics = step_fn(state, put_batch(seeds.batch(step)))
         pending.append((step, metrics))
         done = step + 1
         if step == start:
@@ -308,47 +456,76 @@ def search(config, workdir: str):
         logged = (config.log_every_steps and
                   done % config.log_every_steps == 0)
         if logged or i == steps_per_epoch - 1:
-          last = flush()
+          last = scalars(flush())
           progress.update(0, loss=f"{last['train_loss']:.3f}")
           if logged:
-            log.write(done, {k: float(v) for k, v in last.items()},
-                      prefix='train/')
+            log.write(done, last, prefix='train/')
         progress.update(1)
         if i == steps_per_epoch - 1:
-          record = {k: v / count for k, v in sums.items()}
+          record = scalars({k: v / count for k, v in sums.items()})
           totals = {}
-          for b in data.eval_batches(eval_split, config.eval_batch_size,
+          for b in data.eval_batches(eval_split, eval_batch_size,
                                      ds.mean, ds.std):
-            for k, v in jax.device_get(eval_fn(state, b)).items():
-              totals[k] = totals.get(k, 0) + float(v)
-          record.update(epoch=epoch,
-                        valid_loss=totals['loss_sum'] / totals['count'],
-                        valid_acc=totals['correct'] / totals['count'])
-          genotype = method.derive(state)
+            out = jax.device_get(par.get_state(eval_fn(state, put_batch(b))))
+            for k, v in out.items():
+              totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
+          valid_acc = totals['correct'] / totals['count']
+          record.update(scalars({
+              'valid_loss': totals['loss_sum'] / totals['count'],
+              'valid_acc': valid_acc}))
+          record['epoch'] = epoch
+          host_state, genotypes = derive_all()
           log.write(done, record, prefix='epoch/')
-          log.write(done, {'epoch': epoch, 'genotype': genotype.to_dict()})
+          for seed, g in genotypes:
+            log.write(done, {'epoch': epoch, 'genotype': g.to_dict(),
+                             **({'seed': seed} if seeds.many else {})})
           if chief:
-            _epoch_outputs(workdir, epoch, state, genotype, primitives)
-          progress.write(
-              f"epoch {epoch}: lr {record['lr']:.6f} | train loss "
-              f"{record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
-              f"valid loss {record['valid_loss']:.4f} acc "
-              f"{record['valid_acc']:.4f}\n  genotype = {genotype}")
+            for (seed, g), (_, st) in zip(genotypes, seeds.each(host_state)):
+              out_dir = (os.path.join(workdir, f'seed_{seed}') if seeds.many
+                         else workdir)
+              _epoch_outputs(out_dir, epoch, st, g, primitives)
+            if seeds.many:
+              _seed_summary(workdir, [
+                  (s, g, float(a)) for (s, g), a in zip(genotypes, valid_acc)])
+          text = (f"epoch {epoch}: lr {record['lr']:.6f} | train loss "
+                  f"{record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
+                  f"valid loss {record['valid_loss']:.4f} acc "
+                  f"{record['valid_acc']:.4f}")
+          for seed, g in genotypes:
+            text += (f'\n  seed {seed} genotype = {g}' if seeds.many else
+                     f'\n  genotype = {g}')
+          progress.write(text)
           sums, count = {}, 0
         if done == total_steps or done % config.checkpoint_every_steps == 0:
           save(done)
-        if signals.received is not None:
+        signum = _any_process(signals.received or 0)
+        if signum:
           save(done)
           ckpt.wait()
-          raise common.Interrupted(signals.received, done)
+          raise common.Interrupted(signum, done)
   finally:
     progress.close()
     log.close()
     ckpt.close()
-  if chief:
-    print(f'final genotype written to {workdir}/genotype.json\n{genotype}',
+  if hosts > 1:
+    digest = checkpoint.config_fingerprint(
+        {'arch': jax.tree.map(lambda x: np.asarray(x).tolist(),
+                              host_state.arch)}, ())
+    print(f'process {rank}/{hosts}: final architecture digest {digest[:16]}',
           flush=True)
-  return state, genotype
+  if chief:
+    where = workdir if not seeds.many else f'{workdir}/seed_*'
+    print(f'final genotype written to {where}/genotype.json', flush=True)
+    for seed, g in genotypes:
+      print(f'seed {seed}: {g}' if seeds.many else str(g), flush=True)
+    if seeds.many and valid_acc is not None:
+      summary = _seed_summary(workdir, [
+          (s, g, float(a)) for (s, g), a in zip(genotypes, valid_acc)])
+      print(f'choices over {len(seeds.seeds)} seeds (seeds.json):\n' +
+            genotype_lib.format_counts(summary['counts']), flush=True)
+  if not seeds.many:
+    return host_state, genotypes[0][1]
+  return host_state, [g for _, g in genotypes]
 
 
 def main(argv):

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxnas import parallel
+
 PyTree = Any
 LossFn = Callable[..., Tuple[jax.Array, Tuple[PyTree, PyTree]]]
 
@@ -51,12 +53,18 @@ def virtual_step(params: PyTree, grads: PyTree, momentum_buf: PyTree, *,
 
 def _unrolled(loss_fn, params, arch, batch_stats, train_batch, val_batch, *,
               lr, momentum_buf, momentum, weight_decay, hvp_fn):
+  # Weight gradients are averaged over devices (as the real weight step's
+  # are), so that every device takes the same virtual step and the same v, and
+  # a mapped step computes what one device would on the whole batch. The arch
+  # gradient and H v are linear in the per-device losses: the caller averages.
   grad_w = jax.grad(lambda w: loss_fn(w, arch, batch_stats, train_batch)[0])
-  w_virtual = virtual_step(params, grad_w(params), momentum_buf, lr=lr,
-                           momentum=momentum, weight_decay=weight_decay)
+  w_virtual = virtual_step(params, parallel.pmean(grad_w(params)),
+                           momentum_buf, lr=lr, momentum=momentum,
+                           weight_decay=weight_decay)
   (loss, aux), (g_arch, v) = jax.value_and_grad(
       loss_fn, argnums=(1, 0), has_aux=True)(w_virtual, arch, batch_stats,
                                              val_batch)
+  v = parallel.pmean(v)
 
   def grad_arch_train(w):
     return jax.grad(lambda a: loss_fn(w, a, batch_stats, train_batch)[0])(arch)

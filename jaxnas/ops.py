@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxnas import parallel
+
 # The reference's op order (quark0/darts `cnn/genotypes.py` PRIMITIVES).
 # Indices into architecture parameters follow this order.
 DARTS_PRIMITIVES = (
@@ -112,15 +114,25 @@ def depthwise(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int,
 
 def batch_norm(train: bool, affine: bool, axis_name: Optional[str] = None,
                name: Optional[str] = None) -> nn.BatchNorm:
-  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5)."""
+  """BatchNorm with PyTorch's defaults (momentum 0.1, eps 1e-5).
+
+  With `axis_name` the batch statistics are averaged over that axis (SyncBN)
+  where it is bound (in pmap / shard_map), and are per-device elsewhere, so
+  the same network runs under plain `jit`.
+  """
   return nn.BatchNorm(
       use_running_average=not train,
       momentum=0.9,
       epsilon=1e-5,
       use_bias=affine,
       use_scale=affine,
-      axis_name=axis_name,
+      axis_name=bound_axis(axis_name),
       name=name)
+
+
+def bound_axis(axis_name: Optional[str]) -> Optional[str]:
+  """`axis_name` if it is bound here, else None (for BatchNorm's axis)."""
+  return axis_name if axis_name and parallel.axis_bound(axis_name) else None
 
 
 class Conv(nn.Module):

@@ -30,7 +30,8 @@ def stacked_batch_norm(train: bool, axis_name: Optional[str] = None,
   """Non-affine BN of [E, B, H, W, C] with statistics per (edge, channel)."""
   return nn.BatchNorm(use_running_average=not train, axis=(0, 4),
                       momentum=0.9, epsilon=1e-5, use_bias=False,
-                      use_scale=False, axis_name=axis_name, name=name)
+                      use_scale=False,
+                      axis_name=ops.bound_axis(axis_name), name=name)
 
 
 class StackedConv1x1(nn.Module):

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -270,6 +271,107 @@ class DataTest(absltest.TestCase):
     self.assertTrue(np.all(np.isfinite(losses)))
     epoch = [r for r in records if 'valid_acc' in r][0]
     self.assertBetween(epoch['valid_acc'], 0., 1.)
+
+
+def _fast_config(**overrides):
+  """The tiny config shrunk to one cell of one node: compiles in seconds."""
+  config = _tiny_config()
+  config.layers, config.steps, config.multiplier = 1, 1, 1
+  config.epochs, config.max_steps_per_epoch = 1, 3
+  config.tensorboard = False
+  config.update(overrides)
+  return config
+
+
+class ManySeedsTest(absltest.TestCase):
+
+  def test_four_seeds_vmapped_equal_four_single_runs(self):
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp, True)
+    config = _fast_config(num_seeds=4, seed=2, arch_lr=0.05)
+    state, genotypes = search.search(config, os.path.join(tmp, 'many'))
+    self.assertLen(genotypes, 4)
+    for i, seed in enumerate(range(2, 6)):
+      single_state, single = search.search(
+          _fast_config(seed=seed, arch_lr=0.05),
+          os.path.join(tmp, f'single{seed}'))
+      self.assertEqual(genotypes[i], single, f'seed {seed}')
+      for t in ('normal', 'reduce'):
+        np.testing.assert_allclose(state.arch[t][i], single_state.arch[t],
+                                   rtol=1e-5, atol=1e-7)
+      with open(os.path.join(tmp, 'many', f'seed_{seed}',
+                             'genotype.json')) as f:
+        self.assertEqual(genotype_lib.Genotype.from_json(f.read()), single)
+    # The seeds really differ (else the comparison above proves little).
+    self.assertGreater(np.abs(state.arch['normal'][0] -
+                              state.arch['normal'][1]).max(), 1e-4)
+    with open(os.path.join(tmp, 'many', 'seeds.json')) as f:
+      summary = json.load(f)
+    self.assertEqual([s['seed'] for s in summary['seeds']], [2, 3, 4, 5])
+    counts = summary['counts']
+    self.assertEqual(counts['genotypes'], 4)
+    expected = genotype_lib.choice_counts(genotypes)
+    self.assertEqual(counts, json.loads(json.dumps(expected)))
+    # One node, two (op, input) pairs per cell and seed.
+    self.assertEqual(sum(counts['normal']['ops'].values()), 8)
+    self.assertEqual(sum(counts['reduce']['edges'].values()), 8)
+
+
+class MultiHostTest(absltest.TestCase):
+  """Two real processes x 4 CPU devices with jax.distributed (gloo)."""
+
+  def test_two_processes_pmap(self):
+    self.check_two_processes('pmap')
+
+  def test_two_processes_shard_map(self):
+    self.check_two_processes('shard_map')
+
+  def check_two_processes(self, mode):
+    """Both processes end with one architecture; only process 0 writes."""
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp, True)
+    with socket.socket() as sock:
+      sock.bind(('localhost', 0))
+      port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+               XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAXNAS_CACHE_DIR='')
+    workdir = os.path.join(tmp, 'wd')
+    procs = [subprocess.Popen(
+        [sys.executable, '-m', 'experiments.search',
+         '--config=experiments/configs/darts.py:tiny', f'--workdir={workdir}',
+         '--config.layers=1', '--config.steps=1', '--config.multiplier=1',
+         '--config.epochs=2', '--config.max_steps_per_epoch=2',
+         '--config.log_every_steps=1', '--config.checkpoint_every_steps=2',
+         '--config.max_eval_examples=64', '--config.progress=False',
+         '--config.distributed=True', f'--config.parallel={mode}',
+         f'--config.coordinator_address=localhost:{port}',
+         '--config.num_processes=2', f'--config.process_id={i}'],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    outs = []
+    for p in procs:
+      out, err = p.communicate(timeout=600)
+      self.assertEqual(p.returncode, 0, err[-3000:])
+      outs.append(out)
+    digests = [out.split('final architecture digest ')[1].split()[0]
+               for out in outs]
+    self.assertEqual(digests[0], digests[1])
+    self.assertIn('8 device(s)', outs[0])
+    self.assertIn('final genotype written', outs[0])
+    self.assertNotIn('final genotype written', outs[1])
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f]
+    steps = [r['step'] for r in records if 'train_loss' in r and
+             'valid_acc' not in r]
+    self.assertEqual(steps, [1, 2, 3, 4])  # written once, by process 0
+    with np.load(os.path.join(workdir, 'alphas.npz')) as f:
+      alphas = {t: f[f'alpha_{t}'] for t in ('normal', 'reduce')}
+    digest = checkpoint.config_fingerprint(
+        {'arch': {t: a.tolist() for t, a in alphas.items()}}, ())
+    self.assertEqual(digest[:16], digests[0])
+    self.assertEqual(checkpoint.Checkpointer(
+        os.path.join(workdir, 'checkpoints')).all_steps(), [2, 4])
 
 
 if __name__ == '__main__':

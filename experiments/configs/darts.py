@@ -63,6 +63,15 @@ def get_config(variant: str = 'digits') -> ml_collections.ConfigDict:
   # First order only: one compiled forward/backward for both phases; 27% less
   # compile time but 12x slower steps on XLA:CPU (BENCHMARKS.md).
   c.share_backward = False
+  # Devices, hosts, seeds.
+  c.parallel = 'pmap'             # 'pmap' | 'shard_map' | 'jit' (one device)
+  c.num_devices = ml_collections.config_dict.placeholder(int)  # None: all
+  c.sync_bn = True                # BN batch statistics over all devices
+  c.num_seeds = 1                 # >1: seeds seed..seed+N-1, one vmapped run
+  c.distributed = False           # jax.distributed.initialize() (pods)
+  c.coordinator_address = ml_collections.config_dict.placeholder(str)
+  c.num_processes = ml_collections.config_dict.placeholder(int)
+  c.process_id = ml_collections.config_dict.placeholder(int)
   # Logging and checkpoints.
   c.log_every_steps = 50
   c.eval_batch_size = 256

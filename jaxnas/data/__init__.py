@@ -8,7 +8,7 @@ Synopsis:
                           augment=Augment(crop_padding=4, flip=True))
   batch = batches.batch(step)    # {'train': {...}, 'val': {...}}
   mine = host_slice(batch, jax.process_index(), jax.process_count())
-  per_device = shard_for_devices(mine, jax.local_device_count())
+  per_device = jaxnas.parallel.shard(mine, jax.local_device_count())
 """
 
 from jaxnas.data.pipeline import Augment
@@ -16,7 +16,6 @@ from jaxnas.data.pipeline import Dataset
 from jaxnas.data.pipeline import eval_batches
 from jaxnas.data.pipeline import host_slice
 from jaxnas.data.pipeline import SearchBatches
-from jaxnas.data.pipeline import shard_for_devices
 from jaxnas.data.pipeline import Split
 from jaxnas.data.pipeline import split
 from jaxnas.data.sources import image_folder

@@ -20,8 +20,8 @@ torchvision's RandomCrop pads the raw image).
 
 Several hosts: every host builds the same global batch from (seed, step) and
 keeps its own contiguous part with `host_slice(batch, jax.process_index(),
-jax.process_count())`; `shard_for_devices` then splits that part over the
-host's local devices for pmap. No host holds iterator state, so resuming on
+jax.process_count())`; `jaxnas.parallel.DataParallel.put_batch` then
+splits that part over the host's local devices. No host holds iterator state, so resuming on
 any number of hosts replays exactly the batches of an uninterrupted run.
 """
 
@@ -196,27 +196,6 @@ def host_slice(batch_tree, process_index: int, process_count: int):
   start = process_index * per_host
   return jax.tree_util.tree_map(lambda x: x[start:start + per_host],
                                 batch_tree)
-
-
-def shard_for_devices(batch_tree, num_devices: int):
-  """Reshapes every leaf [B, ...] to [num_devices, B // num_devices, ...].
-
-  Device d gets rows [d * B / num_devices, (d + 1) * B / num_devices), the
-  layout `jax.pmap` expects.
-  """
-  if num_devices < 1:
-    raise ValueError(f'num_devices must be >= 1, got {num_devices}')
-
-  def reshape(x):
-    x = np.asarray(x) if not hasattr(x, 'reshape') else x
-    if not np.ndim(x):
-      raise ValueError('cannot shard a scalar leaf over devices')
-    if x.shape[0] % num_devices:
-      raise ValueError(f'batch size {x.shape[0]} is not divisible by '
-                       f'num_devices={num_devices}')
-    return x.reshape((num_devices, x.shape[0] // num_devices) + x.shape[1:])
-
-  return jax.tree_util.tree_map(reshape, batch_tree)
 
 
 def eval_batches(data: Split, batch_size: int, mean, std) -> Iterator[dict]:

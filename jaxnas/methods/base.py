@@ -85,13 +85,18 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
-def sync_batch_stats(batch_stats: PyTree, enabled: bool) -> PyTree:
-  """Averages BN running statistics over devices when `enabled`."""
-  return parallel.pmean(batch_stats) if enabled else batch_stats
+def sync_batch_stats(batch_stats: PyTree) -> PyTree:
+  """Averages BN running statistics over devices, keeping them replicated.
+
+  Whether the *batch* statistics of the forward pass are synchronised
+  (SyncBN) is the network's choice: `bn_axis_name=parallel.AXIS`. Without it
+  each device normalises by its own part of the batch, and only the running
+  statistics are averaged here.
+  """
+  return parallel.pmean(batch_stats)
 
 
-def weight_step(state: SearchState, batch: Batch, *, loss_fn, w_tx,
-                sync_bn: bool = True):
+def weight_step(state: SearchState, batch: Batch, *, loss_fn, w_tx):
   """One optimizer step on the weights; the architecture is left untouched.
 
   Args:
@@ -99,7 +104,6 @@ def weight_step(state: SearchState, batch: Batch, *, loss_fn, w_tx,
     batch: the weights' batch.
     loss_fn: `(params, arch, batch_stats, batch) -> (loss, (stats, logits))`.
     w_tx: optax transformation of the weights.
-    sync_bn: average BN statistics across devices.
 
   Returns:
     (new state with `step` unchanged, metrics).
@@ -110,7 +114,7 @@ def weight_step(state: SearchState, batch: Batch, *, loss_fn, w_tx,
   metrics = {'train_loss': loss,
              'train_acc': accuracy(logits, batch['label']),
              'grad_norm': grad_norm}
-  return state.replace(batch_stats=sync_batch_stats(stats, sync_bn)), metrics
+  return state.replace(batch_stats=sync_batch_stats(stats)), metrics
 
 
 def apply_weight_grads(state: SearchState, grads: PyTree, *, w_tx):

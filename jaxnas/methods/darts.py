@@ -43,7 +43,7 @@ def arch_step(state: base.SearchState, train_batch, val_batch, *, loss_fn,
               a_tx, order: str = 'first',
               lr_schedule: Optional[optax.Schedule] = None,
               momentum: float = 0.9, weight_decay: float = 3e-4,
-              fd_r: float = hypergrad.DARTS_FD_R, sync_bn: bool = True):
+              fd_r: float = hypergrad.DARTS_FD_R):
   """One architecture update; the weights are left untouched.
 
   Args:
@@ -58,7 +58,6 @@ def arch_step(state: base.SearchState, train_batch, val_batch, *, loss_fn,
     momentum: SGD momentum of the virtual step.
     weight_decay: SGD weight decay of the virtual step.
     fd_r: finite-difference scale of order 'second'.
-    sync_bn: average BN statistics across devices.
 
   Returns:
     (new state, metrics). BatchNorm running statistics are updated by the
@@ -70,7 +69,7 @@ def arch_step(state: base.SearchState, train_batch, val_batch, *, loss_fn,
   if order == 'first':
     g, loss, (stats, logits) = hypergrad.first_order(
         loss_fn, state.params, state.arch, state.batch_stats, val_batch)
-    state = state.replace(batch_stats=base.sync_batch_stats(stats, sync_bn))
+    state = state.replace(batch_stats=base.sync_batch_stats(stats))
   elif order in ('second', 'exact'):
     if lr_schedule is None:
       raise ValueError('second-order DARTS needs the weight lr_schedule')
@@ -97,7 +96,7 @@ def search_step(state: base.SearchState, batch, *, loss_fn, w_tx, a_tx,
                 order: str = 'first',
                 lr_schedule: Optional[optax.Schedule] = None,
                 momentum: float = 0.9, weight_decay: float = 3e-4,
-                fd_r: float = hypergrad.DARTS_FD_R, sync_bn: bool = True):
+                fd_r: float = hypergrad.DARTS_FD_R):
   """Architecture step on `batch['val']`, then weight step on `batch['train']`.
 
   Returns (state with `step + 1`, metrics averaged over devices). Donate the
@@ -106,9 +105,9 @@ def search_step(state: base.SearchState, batch, *, loss_fn, w_tx, a_tx,
   state, a_metrics = arch_step(
       state, batch['train'], batch['val'], loss_fn=loss_fn, a_tx=a_tx,
       order=order, lr_schedule=lr_schedule, momentum=momentum,
-      weight_decay=weight_decay, fd_r=fd_r, sync_bn=sync_bn)
+      weight_decay=weight_decay, fd_r=fd_r)
   state, w_metrics = base.weight_step(state, batch['train'], loss_fn=loss_fn,
-                                      w_tx=w_tx, sync_bn=sync_bn)
+                                      w_tx=w_tx)
   metrics = {**a_metrics, **w_metrics}
   if lr_schedule is not None:
     metrics['lr'] = lr_schedule(state.step)
@@ -118,8 +117,7 @@ def search_step(state: base.SearchState, batch, *, loss_fn, w_tx, a_tx,
 
 def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
                             w_tx, a_tx,
-                            lr_schedule: Optional[optax.Schedule] = None,
-                            sync_bn: bool = True):
+                            lr_schedule: Optional[optax.Schedule] = None):
   """First-order `search_step` with one compiled forward/backward pass.
 
   The architecture phase (validation batch) and the weight phase (training
@@ -147,7 +145,7 @@ def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
 
     state, grad_norm = jax.lax.cond(is_arch, arch_update, weight_update,
                                     state)
-    state = state.replace(batch_stats=base.sync_batch_stats(stats, sync_bn))
+    state = state.replace(batch_stats=base.sync_batch_stats(stats))
     return state, (loss, base.accuracy(logits, phase_batch['label']),
                    grad_norm)
 
@@ -193,7 +191,7 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
          arch_betas=(0.5, 0.999), arch_weight_decay: float = 1e-3,
          arch_init_scale: float = arch_lib.DARTS_INIT_SCALE,
          fd_r: float = hypergrad.DARTS_FD_R,
-         sync_bn: bool = True, share_backward: bool = False) -> base.Method:
+         share_backward: bool = False) -> base.Method:
   """DARTS with the reference's optimizers; defaults are the paper's search.
 
   Args:
@@ -206,7 +204,6 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
     arch_lr, arch_betas, arch_weight_decay: alpha Adam.
     arch_init_scale: alphas start at `arch_init_scale * N(0, 1)`.
     fd_r: finite-difference scale of second order.
-    sync_bn: average BN statistics across devices in mapped steps.
     share_backward: first order only: compile one forward/backward for both
       phases (`shared_first_order_step`): less compile time, slower steps
       (12x on XLA:CPU; see BENCHMARKS.md).
@@ -231,11 +228,11 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
                              init_scale=arch_init_scale),
       step=functools.partial(
           shared_first_order_step, loss_fn=loss_fn, w_tx=w_tx, a_tx=a_tx,
-          lr_schedule=schedule, sync_bn=sync_bn) if share_backward else
+          lr_schedule=schedule) if share_backward else
       functools.partial(
           search_step, loss_fn=loss_fn, w_tx=w_tx, a_tx=a_tx, order=order,
           lr_schedule=schedule, momentum=momentum, weight_decay=weight_decay,
-          fd_r=fd_r, sync_bn=sync_bn),
+          fd_r=fd_r),
       eval_step=functools.partial(base.eval_step, net=net,
                                   weights_fn=arch_lib.softmax_weights),
       derive=functools.partial(derive, net=net))

@@ -165,3 +165,39 @@ def derive(weights: Mapping[str, np.ndarray],
   concat = list(range(2 + steps - multiplier, steps + 2))
   return Genotype(normal=cells['normal'], normal_concat=concat,
                   reduce=cells['reduce'], reduce_concat=list(concat))
+
+
+def choice_counts(genotypes: Sequence[Genotype]) -> dict:
+  """How often each op, edge and (edge, op) was chosen over `genotypes`.
+
+  For the spread of several searches (seeds): per cell type, `ops` counts
+  chosen ops, `edges` counts chosen edges 'j->i' (nodes numbered as in the
+  reference: 0 and 1 the cell inputs, 2.. the intermediate nodes) and
+  `edge_ops` counts 'j->i op'. Keys are sorted by decreasing count.
+  """
+  def ranked(counter):
+    return dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
+
+  out = {'genotypes': len(genotypes)}
+  for cell in ('normal', 'reduce'):
+    ops_, edges, edge_ops = {}, {}, {}
+    for g in genotypes:
+      for k, (op, j) in enumerate(getattr(g, cell)):
+        edge = f'{j}->{2 + k // 2}'
+        ops_[op] = ops_.get(op, 0) + 1
+        edges[edge] = edges.get(edge, 0) + 1
+        edge_ops[f'{edge} {op}'] = edge_ops.get(f'{edge} {op}', 0) + 1
+    out[cell] = {'ops': ranked(ops_), 'edges': ranked(edges),
+                 'edge_ops': ranked(edge_ops)}
+  return out
+
+
+def format_counts(counts: Mapping) -> str:
+  """A few readable lines of `choice_counts`' ops and edges."""
+  n = counts['genotypes']
+  lines = []
+  for cell in ('normal', 'reduce'):
+    for what in ('ops', 'edges'):
+      items = ', '.join(f'{k} {v}/{n}' for k, v in counts[cell][what].items())
+      lines.append(f'  {cell} {what}: {items}')
+  return '\n'.join(lines)

@@ -240,17 +240,6 @@ class HostSliceTest(absltest.TestCase):
           np.concatenate([r[key]['image'] for r in resumed]),
           whole[key]['image'])
 
-  def test_shard_for_devices(self):
-    batch = self._batch()
-    sharded = data.shard_for_devices(batch, 4)
-    chex.assert_shape(sharded['train']['image'], (4, 2, 2))
-    chex.assert_shape(sharded['val']['label'], (4, 2))
-    self.assertEqual(list(sharded['train']['label'][1]), [2, 3])
-    with self.assertRaisesRegex(ValueError, 'not divisible'):
-      data.shard_for_devices(batch, 3)
-    with self.assertRaisesRegex(ValueError, 'num_devices'):
-      data.shard_for_devices(batch, 0)
-
 
 if __name__ == '__main__':
   absltest.main()
