@@ -227,8 +227,11 @@ def image_folder(root: str, *, cache_dir: Optional[str] = None,
 
   Layout: `root/train/<class>/*.{jpg,jpeg,png}` and, optionally,
   `root/test/<class>/...` with the same class subfolders. Classes are the
-  sorted subfolder names of `train` (label = position); examples are ordered
-  by class, then file name. Every image is converted to RGB with PIL; all must
+  sorted subfolder names of `train` (label = position). Training examples
+  come in one fixed shuffled order (a permutation seeded with
+  `FOLDER_ORDER_SEED` of the class-then-file-name listing), so that the first
+  and second part of the split both hold every class; test examples are in
+  listing order. Every image is converted to RGB with PIL; all must
   have one size. The normalisation is the per-channel mean and std of the
   train images in [0, 255].
 
@@ -321,12 +324,21 @@ def image_folder(root: str, *, cache_dir: Optional[str] = None,
   return _folder_dataset(root, classes, arrays)
 
 
+# Seed of the fixed order in which a folder's training images are served.
+FOLDER_ORDER_SEED = 0
+
+
 def _folder_dataset(root, classes, arrays) -> Dataset:
   test = None
   if 'test_images' in arrays:
     test = Split(arrays['test_images'], arrays['test_labels'])
-  return Dataset(FOLDER_PREFIX + root,
-                 Split(arrays['train_images'], arrays['train_labels']), test,
+  # Files are listed class by class; a search splits the training set into
+  # its first and second part, which would then hold different classes. Serve
+  # them in one fixed shuffled order instead (as CIFAR's own files are).
+  order = np.random.default_rng(FOLDER_ORDER_SEED).permutation(
+      len(arrays['train_labels']))
+  train = Split(arrays['train_images'][order], arrays['train_labels'][order])
+  return Dataset(FOLDER_PREFIX + root, train, test,
                  len(classes), tuple(float(m) for m in arrays['mean']),
                  tuple(float(s) for s in arrays['std']))
 

@@ -68,15 +68,20 @@ class ImageFolderTest(absltest.TestCase):
     chex.assert_shape(ds.test.images, (3, 5, 6, 3))
     self.assertEqual(ds.train.images.dtype, np.uint8)
     self.assertEqual(ds.train.labels.dtype, np.int32)
-    # sorted classes (ant, bee, cat), then sorted file names
-    self.assertEqual(list(ds.train.labels), [0, 0, 1, 1, 1, 2, 2, 2, 2])
+    # Listing: sorted classes (ant, bee, cat), then sorted file names; the
+    # training set is served in one fixed permutation of it.
+    listing = [(c, i) for c in range(3) for i in range(2 + c)]
+    order = np.random.default_rng(sources.FOLDER_ORDER_SEED).permutation(9)
+    self.assertNotEqual(list(order), list(range(9)))
+    self.assertEqual(list(ds.train.labels), [listing[k][0] for k in order])
     self.assertEqual(list(ds.test.labels), [0, 1, 2])
-    expected = np.array([_colour(c, i) for c in range(3)
-                         for i in range(2 + c)], np.float64)
+    expected = np.array([_colour(*listing[k]) for k in order], np.float64)
     pixels = ds.train.images[:, 2, 3].astype(np.float64)
     np.testing.assert_allclose(pixels, expected, atol=3)  # JPEG error
     # the PNGs (img00) are exact
-    np.testing.assert_array_equal(ds.train.images[0, 0, 0], _colour(0, 0))
+    first_png = list(order).index(0)
+    np.testing.assert_array_equal(ds.train.images[first_png, 0, 0],
+                                  _colour(0, 0))
     mean = ds.train.images.reshape(-1, 3).astype(np.float64).mean(0)
     std = ds.train.images.reshape(-1, 3).astype(np.float64).std(0)
     np.testing.assert_allclose(ds.mean, mean, rtol=1e-9)
@@ -101,7 +106,9 @@ class ImageFolderTest(absltest.TestCase):
     Image.new('RGB', (6, 5), (255, 255, 255)).save(p)
     os.utime(p, ns=(1, 1))
     changed = data.image_folder(root)
-    np.testing.assert_array_equal(changed.train.images[0, 0, 0], [255] * 3)
+    at = list(np.random.default_rng(sources.FOLDER_ORDER_SEED).permutation(
+        len(changed.train))).index(0)  # where listing entry 0 is served
+    np.testing.assert_array_equal(changed.train.images[at, 0, 0], [255] * 3)
     self.assertLen(os.listdir(self.cache), 2)
 
   def test_cache_off_and_read_only_cache_dir(self):
@@ -192,6 +199,10 @@ class RealCifar10FolderTest(absltest.TestCase):
     chex.assert_shape(ds.test.images, (10000, 32, 32, 3))
     np.testing.assert_array_equal(np.bincount(ds.train.labels), [5000] * 10)
     np.testing.assert_array_equal(np.bincount(ds.test.labels), [1000] * 10)
+    # The search's two halves both hold every class, in about equal parts.
+    for half in data.split(ds.train, 0.5):
+      self.assertBetween(np.bincount(half.labels, minlength=10).min(), 2300,
+                         2700)
     np.testing.assert_allclose(
         ds.mean, np.array([0.4913, 0.4821, 0.4465]) * 255, atol=1.0)
     np.testing.assert_allclose(
