@@ -1,4 +1,4 @@
-"""Candidate operations of the DARTS search space, as Flax linen modules.
+"""Candidate operations of the DARTS and NAS-Bench-201 spaces, as linen modules.
 
 Semantics follow the reference implementation (quark0/darts `cnn/operations.py`,
 see ../shared/methods/darts.md): every convolution is bias-free, `sep_conv` is
@@ -12,6 +12,10 @@ shapes match the reference for every stride.
 Weights are initialised like PyTorch's defaults (kaiming-uniform with a=sqrt(5),
 i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))), because that is what the reference's
 numbers were obtained with; Flax's lecun-normal default is a different prior.
+
+NAS-Bench-201's five ops (D-X-Y/AutoDL-Projects `lib/models/cell_operations.py`,
+built by `make_nb201_op`) reuse these modules: `nor_conv_kxk` is ReLU -> conv
+-> BN, `avg_pool_3x3` is a bare pool (no BN), `skip_connect` the identity.
 
 Synopsis:
 
@@ -40,6 +44,17 @@ DARTS_PRIMITIVES = (
     'sep_conv_5x5',
     'dil_conv_3x3',
     'dil_conv_5x5',
+)
+
+# NAS-Bench-201's op order (AutoDL-Projects `cell_operations.NAS_BENCH_201`,
+# nats_bench `search_space_info`): indices of its architecture parameters and
+# of the benchmark's arch strings follow this order.
+NB201_PRIMITIVES = (
+    'none',
+    'skip_connect',
+    'nor_conv_1x1',
+    'nor_conv_3x3',
+    'avg_pool_3x3',
 )
 
 POOL_OPS = ('max_pool_3x3', 'avg_pool_3x3')
@@ -135,6 +150,51 @@ def bound_axis(axis_name: Optional[str]) -> Optional[str]:
   return axis_name if axis_name and parallel.axis_bound(axis_name) else None
 
 
+class BatchStatsNorm(nn.Module):
+  """BatchNorm that always normalises with the current batch's statistics.
+
+  PyTorch's `BatchNorm2d(track_running_stats=False)`: no running averages are
+  kept (no 'batch_stats' variables), so training and evaluation mode compute
+  the same thing, each batch normalised by its own mean and biased variance
+  over (N, H, W). NAS-Bench-201's search cells offer this setting.
+
+  Attributes:
+    affine: learn a per-channel scale and bias (PyTorch's `affine`).
+    epsilon: added to the variance.
+    axis_name: if set, statistics are averaged over this axis where it is
+      bound (as `batch_norm`).
+  """
+  affine: bool = True
+  epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    stats = jnp.stack([jnp.mean(xf, axes), jnp.mean(xf * xf, axes)])
+    axis_name = bound_axis(self.axis_name)
+    if axis_name is not None:
+      stats = lax.pmean(stats, axis_name)
+    mean, mean2 = stats[0], stats[1]
+    var = jnp.maximum(mean2 - mean * mean, 0.)
+    y = (xf - mean) * lax.rsqrt(var + self.epsilon)
+    if self.affine:
+      c = x.shape[-1]
+      y = y * self.param('scale', nn.initializers.ones, (c,))
+      y = y + self.param('bias', nn.initializers.zeros, (c,))
+    return y.astype(x.dtype)
+
+
+def norm(train: bool, affine: bool, axis_name: Optional[str] = None, *,
+         track_running_stats: bool = True,
+         name: Optional[str] = None) -> nn.Module:
+  """`batch_norm`, or `BatchStatsNorm` when not tracking running statistics."""
+  if track_running_stats:
+    return batch_norm(train, affine, axis_name, name=name)
+  return BatchStatsNorm(affine, axis_name=axis_name, name=name)
+
+
 class Conv(nn.Module):
   """Bias-free 2-D convolution with PyTorch-style symmetric padding."""
   features: int
@@ -174,19 +234,23 @@ class DepthwiseConv(nn.Module):
 
 
 class ReLUConvBN(nn.Module):
-  """ReLU -> conv -> BN (the cell's input preprocessing)."""
+  """ReLU -> conv -> BN (the DARTS cell's input preprocessing; NB-201's
+  `nor_conv_kxk`). `track_running_stats=False` normalises with batch
+  statistics in evaluation too (see `BatchStatsNorm`)."""
   features: int
   kernel_size: int = 1
   stride: int = 1
   padding: int = 0
   affine: bool = True
   bn_axis_name: Optional[str] = None
+  track_running_stats: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = Conv(self.features, self.kernel_size, self.stride, self.padding)(
         nn.relu(x))
-    return batch_norm(train, self.affine, self.bn_axis_name)(x)
+    return norm(train, self.affine, self.bn_axis_name,
+                track_running_stats=self.track_running_stats)(x)
 
 
 class DilConv(nn.Module):
@@ -324,6 +388,56 @@ def make_op(name: str, channels: int, stride: int, affine: bool, *,
     k = int(name[-1])
     return DilConv(channels, k, stride, (k - 1), 2, **conv_kw)
   raise ValueError(f'unknown operation {name!r}; known: {DARTS_PRIMITIVES}')
+
+
+def make_nb201_op(name: str, channels: int, affine: bool, *,
+                  track_running_stats: bool = True,
+                  bn_axis_name: Optional[str] = None,
+                  module_name: Optional[str] = None) -> nn.Module:
+  """Builds NAS-Bench-201 candidate op `name`, `channels` to `channels`.
+
+  As AutoDL-Projects' `OPS` for a search-cell edge (stride 1, C_in == C_out):
+  'none' is zeros, 'skip_connect' the identity, 'nor_conv_1x1' /
+  'nor_conv_3x3' ReLU -> bias-free conv (padding 0 / 1) -> BN, and
+  'avg_pool_3x3' a 3x3 average pool excluding padding with no BN after it.
+
+  Args:
+    name: one of `NB201_PRIMITIVES`.
+    channels: input and output channel count.
+    affine: whether BatchNorms have scale and bias (False in search networks).
+    track_running_stats: False normalises with batch statistics in evaluation
+      too (PyTorch's `track_running_stats=False`).
+    bn_axis_name: axis over which BatchNorm statistics are averaged, if any.
+    module_name: Flax name of the returned module.
+
+  Returns:
+    A linen module called as `op(x, train)`.
+
+  Raises:
+    ValueError: for an unknown op name.
+  """
+  if name == 'none':
+    return Zero(1, name=module_name)
+  if name == 'skip_connect':
+    return Identity(name=module_name)
+  if name == 'avg_pool_3x3':
+    return Pool('avg', 1, name=module_name)
+  if name in ('nor_conv_1x1', 'nor_conv_3x3'):
+    k = int(name[-1])
+    return ReLUConvBN(channels, k, 1, k // 2, affine, bn_axis_name,
+                      track_running_stats, name=module_name)
+  raise ValueError(f'unknown NAS-Bench-201 operation {name!r}; known: '
+                   f'{NB201_PRIMITIVES}')
+
+
+def torch_bias_init(fan_in: int):
+  """PyTorch's Linear bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / jnp.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 def check_primitives(primitives: Sequence[str],

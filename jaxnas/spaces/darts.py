@@ -286,15 +286,5 @@ class SearchNetwork(nn.Module):
     return nn.Dense(
         self.num_classes,
         kernel_init=ops.torch_kernel_init,
-        bias_init=_torch_bias_init(out.shape[-1]),
+        bias_init=ops.torch_bias_init(out.shape[-1]),
         name='classifier')(out)
-
-
-def _torch_bias_init(fan_in: int):
-  """PyTorch's Linear bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / jnp.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init

@@ -1,0 +1,1 @@
+"""Tabular NAS benchmarks: look up what a found architecture would score."""
