@@ -60,7 +60,7 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Output directory (default: runs/<method>-<variant>).')
 
 # Methods and the search spaces each one supports.
-METHOD_SPACES = {'darts': ('darts',)}
+METHOD_SPACES = {'darts': ('darts', 'nb201')}
 _POSITIVE_INTS = ('batch_size', 'epochs', 'init_channels', 'layers', 'steps',
                   'multiplier', 'stem_multiplier', 'eval_batch_size',
                   'checkpoint_every_steps', 'keep_checkpoints', 'num_seeds')
@@ -91,10 +91,20 @@ def validate(config) -> None:
       isinstance(dataset, str) and dataset.startswith(sources.FOLDER_PREFIX))):
     problems.append(f'unknown dataset {dataset!r}; known: '
                     f"{sorted(sources.SOURCES)} or 'folder:/path/to/root'")
+  space = config.get('space', 'darts')
   try:
-    ops.check_primitives(tuple(config.get('primitives', ops.DARTS_PRIMITIVES)))
+    ops.check_primitives(
+        tuple(config.get('primitives', ops.DARTS_PRIMITIVES)),
+        ops.NB201_PRIMITIVES if space == 'nb201' else ops.DARTS_PRIMITIVES)
   except ValueError as e:
     problems.append(f'primitives: {e}')
+  if space == 'nb201':
+    v = config.get('cells_per_stage')
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+      problems.append(f'cells_per_stage must be a positive integer, got {v!r}')
+  elif config.get('nb201_table'):
+    problems.append("nb201_table scores NAS-Bench-201 cells: it needs "
+                    "space='nb201'")
   for k in _POSITIVE_INTS:
     v = config.get(k)
     if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -137,17 +147,30 @@ def build(config, num_classes: int, steps_per_epoch: int):
   from jaxnas import ops  # pylint: disable=g-import-not-at-top
   from jaxnas import parallel  # pylint: disable=g-import-not-at-top
   from jaxnas.methods import darts  # pylint: disable=g-import-not-at-top
+  from jaxnas.methods import base  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import darts as darts_space  # pylint: disable=g-import-not-at-top
+  from jaxnas.spaces import nb201  # pylint: disable=g-import-not-at-top
   if config.method not in METHOD_SPACES:
     raise ConfigError(f'unknown method {config.method!r}; known: '
                       f'{sorted(METHOD_SPACES)}')
-  net = darts_space.SearchNetwork(
-      C=config.init_channels, num_classes=num_classes, layers=config.layers,
-      steps=config.steps, multiplier=config.multiplier,
-      stem_multiplier=config.stem_multiplier,
-      primitives=tuple(config.get('primitives', ops.DARTS_PRIMITIVES)),
-      depthwise_impl=config.depthwise_impl,
-      bn_axis_name=parallel.AXIS if config.get('sync_bn', True) else None)
+  bn_axis = parallel.AXIS if config.get('sync_bn', True) else None
+  if config.get('space', 'darts') == 'nb201':
+    net = nb201.SearchNetwork(
+        C=config.init_channels, N=config.cells_per_stage,
+        num_classes=num_classes,
+        primitives=tuple(config.get('primitives', ops.NB201_PRIMITIVES)),
+        track_running_stats=config.get('track_running_stats', True),
+        bn_axis_name=bn_axis)
+    derive_fn = base.space_derive(
+        net, exclude=('none',) if config.get('exclude_none') else ())
+  else:
+    net = darts_space.SearchNetwork(
+        C=config.init_channels, num_classes=num_classes, layers=config.layers,
+        steps=config.steps, multiplier=config.multiplier,
+        stem_multiplier=config.stem_multiplier,
+        primitives=tuple(config.get('primitives', ops.DARTS_PRIMITIVES)),
+        depthwise_impl=config.depthwise_impl, bn_axis_name=bn_axis)
+    derive_fn = base.space_derive(net)
   method = darts.make(
       net, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
       order=config.order, lr=config.lr, lr_min=config.lr_min,
@@ -156,7 +179,8 @@ def build(config, num_classes: int, steps_per_epoch: int):
       arch_betas=(config.arch_b1, config.arch_b2),
       arch_weight_decay=config.arch_weight_decay,
       arch_init_scale=config.arch_init_scale, fd_r=config.fd_r,
-      share_backward=config.get('share_backward', False))
+      share_backward=config.get('share_backward', False),
+      nesterov=config.get('nesterov', False), derive_fn=derive_fn)
   return net, method
 
 
@@ -167,11 +191,15 @@ RESUME_IGNORE = ('workdir', 'data_dir', 'log_every_steps', 'eval_batch_size',
                  'checkpoint_every_steps', 'keep_checkpoints', 'progress',
                  'tensorboard', 'variant', 'max_eval_examples', 'parallel',
                  'num_devices', 'distributed', 'coordinator_address',
-                 'num_processes', 'process_id')
+                 'num_processes', 'process_id', 'nb201_table')
 
 
 def _epoch_outputs(workdir, epoch, state, genotype, primitives):
-  """Writes the genotype, alphas and pictures after `epoch` (process 0)."""
+  """Writes the genotype, alphas and pictures after `epoch` (process 0).
+
+  DARTS genotypes are drawn as cells; NAS-Bench-201 archs are strings (in
+  genotype.txt) and their heatmaps label edges 'i<-j' as the benchmark.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxnas import arch as arch_lib  # pylint: disable=g-import-not-at-top
@@ -194,10 +222,14 @@ def _epoch_outputs(workdir, epoch, state, genotype, primitives):
     tmp = path + '.tmp.npz'
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
-  viz.plot_genotype(genotype, os.path.join(workdir, ''))
-  # Only ops offered on every edge can share columns; the DARTS space's are.
-  # Edges are labelled 'j→i' in the reference's order (viz's default).
-  viz.plot_alpha_heatmap(weights, None, primitives,
+  edge_labels = None  # DARTS: 'j→i' in the reference's order (viz's default)
+  if hasattr(genotype, 'normal'):
+    viz.plot_genotype(genotype, os.path.join(workdir, ''))
+  else:
+    from jaxnas.spaces import nb201  # pylint: disable=g-import-not-at-top
+    edge_labels = {'cell': nb201.EDGE_KEYS}
+  # Only ops offered on every edge can share columns; both spaces' are.
+  viz.plot_alpha_heatmap(weights, edge_labels, primitives,
                          os.path.join(workdir, 'alpha_heatmap.png'))
   history = []
   for e in range(epoch + 1):
@@ -205,7 +237,8 @@ def _epoch_outputs(workdir, epoch, state, genotype, primitives):
                  allow_pickle=False) as f:
       history.append({t: f[f'weights_{t}'] for t in weights})
   viz.plot_alpha_trajectories(history, primitives,
-                              os.path.join(workdir, 'alpha_trajectories.png'))
+                              os.path.join(workdir, 'alpha_trajectories.png'),
+                              edge_labels)
 
 
 def _stack(trees):
@@ -276,6 +309,39 @@ def _seed_summary(workdir, results):
   return summary
 
 
+def _nb201_final(table, results):
+  """The NB-201 report of each seed's arch, and their spread over seeds."""
+  from jaxnas.benchmarks import nb201 as nb201_bench  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  runs = [{'seed': s, **table.report(g)} for s, g in results]
+  out = {'runs': runs, 'best': {}, 'random': {}}
+  for m in nb201_bench.PAPER_METRICS:
+    accs = [r[m]['accuracy'] for r in runs]
+    out['best'][m] = table.best(m)[2]
+    out['random'][m] = table.random_stats(m)
+    out.setdefault('seeds', {})[m] = {'mean': float(np.mean(accs)),
+                                      'std': float(np.std(accs))}
+  return out
+
+
+def _nb201_text(report):
+  lines = []
+  for r in report['runs']:
+    accs = ', '.join(
+        f"{m.split('_')[0]} {r[m]['accuracy']:.2f} (rank {r[m]['rank']})"
+        for m in report['best'])
+    lines.append(f"NAS-Bench-201 seed {r['seed']}: index {r['index']} "
+                 f"{r['arch']}\n  {accs}")
+  for what in ('seeds', 'random'):
+    if what == 'seeds' and len(report['runs']) < 2:
+      continue
+    accs = ', '.join(f"{m.split('_')[0]} {v['mean']:.2f}±{v['std']:.2f}"
+                     for m, v in report[what].items())
+    lines.append(f"  {'over seeds' if what == 'seeds' else 'random archs'}: "
+                 f'{accs}')
+  return '\n'.join(lines)
+
+
 def _any_process(flag: int) -> int:
   """The largest `flag` over all processes (every process must call it)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -325,8 +391,19 @@ def search(config, workdir: str):
   # Evaluation pads its last batch anyway: round its size up to the devices.
   eval_batch_size = -(-config.eval_batch_size // par.num_devices) * (
       par.num_devices)
+  table = None
+  if config.get('nb201_table'):
+    from jaxnas.benchmarks import nb201 as nb201_bench  # pylint: disable=g-import-not-at-top
+    table = nb201_bench.Table.load(config.nb201_table)
   ds = data.load(config.dataset, config.data_dir)
   weights_half, arch_half = data.split(ds.train, config.train_portion)
+  only = set(np.unique(weights_half.labels)) ^ set(np.unique(arch_half.labels))
+  if only:
+    raise ConfigError(
+        f'classes {sorted(int(c) for c in only)} appear in only one half of '
+        f'the {config.dataset} training split (split at train_portion='
+        f'{config.train_portion}); the examples look ordered by class: '
+        'shuffle them once before searching')
   augment = (data.Augment(config.crop_padding, config.flip)
              if config.crop_padding or config.flip else None)
   steps_per_epoch = len(weights_half) // config.batch_size
@@ -357,14 +434,17 @@ def search(config, workdir: str):
                                  max_to_keep=config.keep_checkpoints)
   sample = seeds.batches[0].batch(0)['train']['image'][:1]
   start = ckpt.latest_step()
+  num_cells = (3 * config.cells_per_stage + 2 if config.get('space') == 'nb201'
+               else config.layers)  # NB-201: N cells x 3 + 2 ResNet blocks
   if start is None:
     state = par.put_state(seeds.init(sample))
     sums, count = {}, 0
     msg = (f'{config.method} search on {config.dataset}: '
            f'{len(weights_half)} weight / {len(arch_half)} architecture '
            f'examples, {config.epochs} epochs x {steps_per_epoch} steps of '
-           f'{config.batch_size}, C={config.init_channels}, {config.layers} '
-           f'cells, order={config.order}, {par.num_devices} device(s) '
+           f'{config.batch_size}, {config.get("space", "darts")} space, '
+           f'C={config.init_channels}, {num_cells} cells, order='
+           f'{config.order}, {par.num_devices} device(s) '
            f'({config.get("parallel", "pmap")}, {hosts} process(es))')
     if seeds.many:
       msg += f', seeds {seeds.seeds} vmapped'
@@ -475,6 +555,12 @@ def search(config, workdir: str):
               'valid_acc': valid_acc}))
           record['epoch'] = epoch
           host_state, genotypes = derive_all()
+          if table is not None:  # the ground truth, as AutoDL logs it
+            reports = [table.report(g) for _, g in genotypes]
+            truth = {'nb201_index': [r['index'] for r in reports]}
+            for m in nb201_bench.PAPER_METRICS:
+              truth[f'nb201_{m}'] = [r[m]['accuracy'] for r in reports]
+            record.update(scalars(truth))
           log.write(done, record, prefix='epoch/')
           for seed, g in genotypes:
             log.write(done, {'epoch': epoch, 'genotype': g.to_dict(),
@@ -494,6 +580,12 @@ def search(config, workdir: str):
           for seed, g in genotypes:
             text += (f'\n  seed {seed} genotype = {g}' if seeds.many else
                      f'\n  genotype = {g}')
+          if table is not None:
+            text += '\n  NAS-Bench-201 ' + ', '.join(
+                f"{m.split('_')[0]} {record[f'nb201_{m}']:.2f}"
+                for m in nb201_bench.PAPER_METRICS) + (
+                    ' (mean over seeds)' if seeds.many else
+                    f" (index {reports[0]['index']})")
           progress.write(text)
           sums, count = {}, 0
         if done == total_steps or done % config.checkpoint_every_steps == 0:
@@ -518,6 +610,12 @@ def search(config, workdir: str):
     print(f'final genotype written to {where}/genotype.json', flush=True)
     for seed, g in genotypes:
       print(f'seed {seed}: {g}' if seeds.many else str(g), flush=True)
+    if table is not None:
+      report = _nb201_final(table, genotypes)
+      common.atomic_write(os.path.join(workdir, 'nb201.json'),
+                          json.dumps(report, indent=1))
+      print(_nb201_text(report) + f'\n(written to {workdir}/nb201.json)',
+            flush=True)
     if seeds.many and valid_acc is not None:
       summary = _seed_summary(workdir, [
           (s, g, float(a)) for (s, g), a in zip(genotypes, valid_acc)])

@@ -48,15 +48,18 @@ def darts_cosine(lr: float, lr_min: float, epochs: int,
 
 def torch_sgd(learning_rate: optax.ScalarOrSchedule, *, momentum: float,
               weight_decay: float,
-              clip_norm: Optional[float] = None
+              clip_norm: Optional[float] = None, nesterov: bool = False
               ) -> optax.GradientTransformation:
-  """torch.optim.SGD(momentum, weight_decay) after clip_grad_norm_."""
+  """torch.optim.SGD(momentum, weight_decay, nesterov) after clip_grad_norm_.
+
+  optax's Nesterov trace is torch's: buf = mu * buf + g, step g + mu * buf.
+  """
   parts = []
   if clip_norm is not None and clip_norm > 0:
     parts.append(optax.clip_by_global_norm(clip_norm))
   if weight_decay:
     parts.append(optax.add_decayed_weights(weight_decay))
-  parts.append(optax.trace(decay=momentum, nesterov=False))
+  parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)
 

@@ -46,6 +46,21 @@ class TorchOptimizersTest(absltest.TestCase):
       np.testing.assert_allclose(optim.momentum_buffer(state, w)['w'], buf,
                                  rtol=1e-6)
 
+  def test_nesterov_sgd_matches_torch_formula(self):
+    tx = optim.torch_sgd(0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+    w = {'w': jnp.array([1., -2.])}
+    state = tx.init(w)
+    buf, wn = np.zeros(2), np.array([1., -2.])
+    for raw in ([3., 4.], [0.1, 0.2], [-1., 0.5]):
+      # torch.optim.SGD(nesterov=True): d = g + wd * w; buf = mu * buf + d;
+      # w -= lr * (d + mu * buf).
+      d = np.array(raw) + 0.01 * wn
+      buf = 0.9 * buf + d
+      wn = wn - 0.1 * (d + 0.9 * buf)
+      u, state = tx.update({'w': jnp.asarray(raw)}, state, w)
+      w = optax.apply_updates(w, u)
+      np.testing.assert_allclose(w['w'], wn, rtol=1e-6)
+
   def test_adam_adds_l2_to_gradient(self):
     tx = optim.torch_adam(0.1, b1=0.5, b2=0.999, weight_decay=0.5)
     a = {'a': jnp.array([2.])}

@@ -30,9 +30,10 @@ from jaxnas.spaces import genotype as genotype_lib
 from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# 2 epochs x 4 steps, a checkpoint every 2 steps.
+# 2 epochs x 4 steps, a checkpoint every 2 steps; cells of 2 nodes.
 OVERRIDES = dict(epochs=2, max_steps_per_epoch=4, checkpoint_every_steps=2,
-                 log_every_steps=2, max_eval_examples=200)
+                 log_every_steps=2, max_eval_examples=200, steps=2,
+                 multiplier=2)
 ARGS = ('--config=experiments/configs/darts.py:tiny',
         *(f'--config.{k}={v}' for k, v in OVERRIDES.items()))
 TOTAL_STEPS = 8
@@ -87,8 +88,10 @@ class SearchRunTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.tmp = tempfile.mkdtemp()
+    # Two devices: the pmap path, without 8 programs sharing 2 cores.
     cls.env = dict(os.environ, JAXNAS_CACHE_DIR=os.path.join(cls.tmp, 'xla'),
-                   PYTHONPATH=ROOT)
+                   PYTHONPATH=ROOT,
+                   XLA_FLAGS='--xla_force_host_platform_device_count=2')
     cls.ref = os.path.join(cls.tmp, 'ref')
     proc = cls.run_search(cls.ref)
     if proc.returncode:
@@ -372,6 +375,73 @@ class MultiHostTest(absltest.TestCase):
     self.assertEqual(digest[:16], digests[0])
     self.assertEqual(checkpoint.Checkpointer(
         os.path.join(workdir, 'checkpoints')).all_steps(), [2, 4])
+
+
+class NB201SearchTest(absltest.TestCase):
+  """DARTS on the NAS-Bench-201 space, scored against the benchmark table."""
+
+  CSV = os.path.join(fixtures.SHARED_DATA, 'nb201', 'nb201_hp200_mean_acc.csv')
+
+  def config(self, **overrides):
+    config = darts_config.get_config('nb201_tiny')
+    config.update(dict(progress=False, tensorboard=False,
+                       max_eval_examples=64, nb201_table=self.CSV))
+    config.update(overrides)
+    return config
+
+  def test_tiny_search_logs_and_reports_ground_truth(self):
+    if not os.path.exists(self.CSV):
+      self.skipTest(f'{self.CSV} is absent: no NAS-Bench-201 table')
+    from jaxnas import arch as arch_lib  # pylint: disable=g-import-not-at-top
+    from jaxnas.benchmarks import nb201 as nb201_bench  # pylint: disable=g-import-not-at-top
+    from jaxnas.spaces import nb201  # pylint: disable=g-import-not-at-top
+    wd = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, wd, True)
+    state, arch = search.search(self.config(), wd)
+    self.assertIsInstance(arch, nb201.Arch)
+    # AutoDL's rule: per-edge argmax of the softmax, 'none' allowed.
+    weights = arch_lib.softmax_weights(state.arch)
+    self.assertEqual(arch, nb201.derive(
+        {'cell': np.asarray(weights['cell'])}, exclude=()))
+    table = nb201_bench.Table.load(self.CSV)
+    with open(os.path.join(wd, 'nb201.json')) as f:
+      report = json.load(f)
+    (run,) = report['runs']
+    self.assertEqual(run['arch'], arch.to_string())
+    self.assertEqual(run['index'], table.index(arch))
+    for m in ('cifar10_test', 'cifar100_test', 'imagenet16_test'):
+      self.assertEqual(run[m]['accuracy'], table.accuracy(arch, m))
+      self.assertEqual(run[m]['rank'], table.rank(arch, m))
+    self.assertEqual(report['best']['cifar10_test'], 94.3733)
+    self.assertEqual(report['random']['cifar10_test'],
+                     table.random_stats('cifar10_test'))
+    # Every epoch logs the ground truth of that epoch's genotype.
+    with open(os.path.join(wd, 'metrics.jsonl')) as f:
+      epochs = [json.loads(l) for l in f if 'valid_acc' in json.loads(l)]
+    self.assertLen(epochs, 2)
+    for e, record in enumerate(epochs):
+      with open(os.path.join(wd, 'genotypes', f'epoch_{e:03d}.json')) as f:
+        arch_e = nb201.Arch.from_json(f.read())
+      self.assertEqual(record['nb201_index'], table.index(arch_e))
+      self.assertEqual(record['nb201_cifar10_test'],
+                       table.accuracy(arch_e, 'cifar10_test'))
+    with open(os.path.join(wd, 'genotype.txt')) as f:
+      self.assertEqual(f.read().strip(), arch.to_string())
+    _not_blank(self, os.path.join(wd, 'alpha_heatmap.png'))
+    self.assertFalse(os.path.exists(os.path.join(wd, 'normal.png')))
+
+  def test_table_and_space_errors_come_first(self):
+    wd = os.path.join(tempfile.mkdtemp(), 'never')
+    self.addCleanup(shutil.rmtree, os.path.dirname(wd), True)
+    with self.assertRaisesRegex(FileNotFoundError, 'nb201'):
+      search.search(self.config(nb201_table='/nonexistent/nb201.csv'), wd)
+    config = _tiny_config()
+    config.nb201_table = self.CSV
+    with self.assertRaisesRegex(search.ConfigError, "needs space='nb201'"):
+      search.search(config, wd)
+    with self.assertRaisesRegex(search.ConfigError, 'unknown operations'):
+      search.search(self.config(primitives=('none', 'sep_conv_3x3')), wd)
+    self.assertFalse(os.path.exists(wd))
 
 
 if __name__ == '__main__':

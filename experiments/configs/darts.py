@@ -10,11 +10,26 @@ Variants (`--config experiments/configs/darts.py:VARIANT`):
 * `digits` (the default): the same algorithm on scikit-learn's 8x8 digits,
   C=8, 5 cells, a few minutes on a 2-core CPU.
 * `tiny`: a smoke test: 3 cells of 4 channels, 2 epochs of 8 steps.
+* `nb201`: DARTS (first order; `order=second` for DARTS-V2) on the
+  NAS-Bench-201 space as its authors ran it (AutoDL-Projects
+  `configs/nas-benchmark/algos/DARTS.config`, `DARTS-V1.sh`): C=16, N=5
+  cells per stage, CIFAR-10 train halves ('cifar10-valid'), batch 64, 50
+  epochs, SGD 0.025 -> 0.001 cosine with Nesterov momentum 0.9 and weight
+  decay 5e-4, clip 5; Adam 3e-4 on the alphas; the genotype is the per-edge
+  argmax with 'none' allowed (AutoDL's `genotype()`). With
+  `--config.nb201_table=PATH/nb201_hp200_mean_acc.csv` the benchmark's
+  accuracies of the genotype are logged every epoch and reported in
+  `WORKDIR/nb201.json`.
+* `nb201_tiny`: the same on digits, C=4, one cell per stage, 2 epochs of 4
+  steps.
 
 Run:
 
   python -m experiments.search --config experiments/configs/darts.py:cifar10 \
       --workdir runs/darts-cifar10 --config.order=second
+  python -m experiments.search --config experiments/configs/darts.py:nb201 \
+      --config.dataset=folder:/data/cifar10 \
+      --config.nb201_table=/data/nb201/nb201_hp200_mean_acc.csv
 """
 
 import ml_collections
@@ -23,7 +38,7 @@ from jaxnas import ops
 
 
 def get_config(variant: str = 'digits') -> ml_collections.ConfigDict:
-  """Returns the config of `variant` ('cifar10', 'digits' or 'tiny')."""
+  """Returns the config of `variant` (see the module docstring)."""
   c = ml_collections.ConfigDict()
   c.method = 'darts'
   c.space = 'darts'
@@ -46,12 +61,18 @@ def get_config(variant: str = 'digits') -> ml_collections.ConfigDict:
   c.stem_multiplier = 3
   c.primitives = ops.DARTS_PRIMITIVES  # candidate ops of every edge
   c.depthwise_impl = 'auto'       # see jaxnas.ops.DEPTHWISE_IMPLS
+  # NAS-Bench-201 space only (space='nb201').
+  c.cells_per_stage = 5           # N: cells between the reductions
+  c.track_running_stats = True    # cell BNs keep running statistics
+  c.exclude_none = False          # derivation may pick 'none' (AutoDL)
+  c.nb201_table = ml_collections.config_dict.placeholder(str)  # CSV path
   # Weights: SGD with momentum (train_search.py).
   c.lr = 0.025
   c.lr_min = 0.001                # paper says 0; the code uses 0.001
   c.momentum = 0.9
   c.weight_decay = 3e-4
   c.grad_clip = 5.
+  c.nesterov = False
   # Architecture: Adam (architect.py).
   c.order = 'first'               # 'first' | 'second' (finite diff.) | 'exact'
   c.arch_lr = 3e-4
@@ -82,30 +103,39 @@ def get_config(variant: str = 'digits') -> ml_collections.ConfigDict:
   c.progress = True               # progress bar with ETA on stderr
   c.tensorboard = True            # events in <workdir>/tensorboard
 
-  if variant == 'cifar10':
-    pass
-  elif variant == 'digits':
+  if variant in ('digits', 'tiny', 'nb201_tiny'):
     c.dataset = 'digits'
     c.crop_padding = 1
     c.flip = False                # mirrored digits are other digits
+  if variant in ('tiny', 'nb201_tiny'):
+    c.batch_size = 16
+    c.epochs = 2
+    c.init_channels = 4
+    c.checkpoint_every_steps = 4
+  if variant in ('nb201', 'nb201_tiny'):
+    c.space = 'nb201'
+    c.primitives = ops.NB201_PRIMITIVES
+    c.weight_decay = 5e-4
+    c.nesterov = True
+
+  if variant in ('cifar10', 'nb201'):
+    pass
+  elif variant == 'digits':
     c.batch_size = 32
     c.epochs = 10
     c.init_channels = 8
     c.layers = 5
     c.log_every_steps = 10
   elif variant == 'tiny':
-    c.dataset = 'digits'
-    c.crop_padding = 1
-    c.flip = False
-    c.batch_size = 16
-    c.epochs = 2
     c.max_steps_per_epoch = 8
-    c.init_channels = 4
     c.layers = 3
     c.log_every_steps = 4
-    c.checkpoint_every_steps = 4
     c.share_backward = True       # compile-bound: halve the compile
+  elif variant == 'nb201_tiny':
+    c.max_steps_per_epoch = 4
+    c.cells_per_stage = 1
+    c.log_every_steps = 2
   else:
     raise ValueError(f'unknown variant {variant!r}; known: cifar10, digits, '
-                     'tiny')
+                     'tiny, nb201, nb201_tiny')
   return c

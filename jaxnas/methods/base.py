@@ -14,6 +14,7 @@ the identity when that axis is not bound, so every step here runs unchanged
 under `jax.jit`, `jax.pmap(axis_name=AXIS)` and `jax.shard_map`.
 """
 
+import functools
 from typing import Any, Callable, Mapping, NamedTuple, Tuple
 
 import flax.linen as nn
@@ -27,6 +28,8 @@ from jaxnas import parallel
 PyTree = Any
 Batch = Mapping[str, jax.Array]
 WeightsFn = Callable[[PyTree], Mapping[str, jax.Array]]
+# Mixing weights ({cell type: [edges, ops]} numpy) -> a discrete genotype.
+DeriveFn = Callable[[Mapping[str, Any]], Any]
 
 
 class SearchState(struct.PyTreeNode):
@@ -172,3 +175,26 @@ def init_variables(net: nn.Module, key: jax.Array, sample_images: jax.Array,
   abstract = jax.ShapeDtypeStruct(sample_images.shape, sample_images.dtype)
   variables = net.lazy_init(init_key, abstract, mixing, train=False)
   return variables['params'], variables.get('batch_stats', {})
+
+
+def space_derive(net: nn.Module, *, exclude: Tuple[str, ...] = ()
+                 ) -> DeriveFn:
+  """The derivation rule of `net`'s search space, as its reference has it.
+
+  DARTS space: per node the top-2 incoming edges by their strongest non-'none'
+  op (`jaxnas.spaces.genotype.derive`). NAS-Bench-201: per edge the argmax op
+  over the ops not in `exclude` (AutoDL-Projects' `genotype()` excludes
+  nothing, so 'none' can win an edge; GAEA excludes 'none').
+  """
+  # Imported here: the spaces import ops, which must not import methods.
+  from jaxnas.spaces import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
+  from jaxnas.spaces import nb201  # pylint: disable=g-import-not-at-top
+  if isinstance(net, nb201.SearchNetwork):
+    return functools.partial(nb201.derive, primitives=net.primitives,
+                             exclude=exclude)
+  if exclude:
+    raise ValueError('the DARTS rule always excludes "none"; exclude is for '
+                     'NAS-Bench-201')
+  edge_ops = {t: net.edge_ops(t) for t in ('normal', 'reduce')}
+  return functools.partial(genotype_lib.derive, edge_ops=edge_ops,
+                           steps=net.steps, multiplier=net.multiplier)

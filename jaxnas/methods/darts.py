@@ -34,7 +34,6 @@ from jaxnas import hypergrad
 from jaxnas import optim
 from jaxnas import parallel
 from jaxnas.methods import base
-from jaxnas.spaces import genotype as genotype_lib
 
 ORDERS = ('first', 'second', 'exact')
 
@@ -175,13 +174,10 @@ def init(key: jax.Array, sample_images: jax.Array, *, net: nn.Module, w_tx,
       key=k_state)
 
 
-def derive(state: base.SearchState, *, net: nn.Module
-           ) -> genotype_lib.Genotype:
-  """The DARTS genotype of the current alphas (softmax over all ops)."""
-  weights = jax.tree.map(np.asarray, arch_lib.softmax_weights(state.arch))
-  return genotype_lib.derive(
-      weights, {t: net.edge_ops(t) for t in ('normal', 'reduce')},
-      steps=net.steps, multiplier=net.multiplier)
+def derive(state: base.SearchState, *, derive_fn: base.DeriveFn):
+  """The genotype of the current alphas: `derive_fn` of their softmax."""
+  return derive_fn(jax.tree.map(np.asarray,
+                                arch_lib.softmax_weights(state.arch)))
 
 
 def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
@@ -191,7 +187,8 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
          arch_betas=(0.5, 0.999), arch_weight_decay: float = 1e-3,
          arch_init_scale: float = arch_lib.DARTS_INIT_SCALE,
          fd_r: float = hypergrad.DARTS_FD_R,
-         share_backward: bool = False) -> base.Method:
+         share_backward: bool = False, nesterov: bool = False,
+         derive_fn: Optional[base.DeriveFn] = None) -> base.Method:
   """DARTS with the reference's optimizers; defaults are the paper's search.
 
   Args:
@@ -207,6 +204,10 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
     share_backward: first order only: compile one forward/backward for both
       phases (`shared_first_order_step`): less compile time, slower steps
       (12x on XLA:CPU; see BENCHMARKS.md).
+    nesterov: Nesterov momentum in the weight SGD (AutoDL-Projects' DARTS on
+      NAS-Bench-201); the second-order virtual step stays plain momentum.
+    derive_fn: mixing weights -> genotype; default the space's own rule
+      (`base.space_derive(net)`).
 
   Returns:
     The method's pure functions.
@@ -218,7 +219,8 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
                      'hypergradients differentiate at other weights')
   schedule = optim.darts_cosine(lr, lr_min, epochs, steps_per_epoch)
   w_tx = optim.torch_sgd(schedule, momentum=momentum,
-                         weight_decay=weight_decay, clip_norm=grad_clip)
+                         weight_decay=weight_decay, clip_norm=grad_clip,
+                         nesterov=nesterov)
   a_tx = optim.torch_adam(arch_lr, b1=arch_betas[0], b2=arch_betas[1],
                           weight_decay=arch_weight_decay)
   loss_fn = functools.partial(base.classification_loss, net=net,
@@ -235,4 +237,5 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
           fd_r=fd_r),
       eval_step=functools.partial(base.eval_step, net=net,
                                   weights_fn=arch_lib.softmax_weights),
-      derive=functools.partial(derive, net=net))
+      derive=functools.partial(
+          derive, derive_fn=derive_fn or base.space_derive(net)))

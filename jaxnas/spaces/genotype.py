@@ -167,23 +167,34 @@ def derive(weights: Mapping[str, np.ndarray],
                   reduce=cells['reduce'], reduce_concat=list(concat))
 
 
+def _chosen(g, cell):
+  """(edge 'j->i', op) pairs of a DARTS Genotype's or NB-201 Arch's cell."""
+  if hasattr(g, 'normal'):
+    return [(f'{j}->{2 + k // 2}', op)
+            for k, (op, j) in enumerate(getattr(g, cell))]
+  return [(f'{j}->{i}', op) for i, j, op in g.edges()]
+
+
 def choice_counts(genotypes: Sequence[Genotype]) -> dict:
   """How often each op, edge and (edge, op) was chosen over `genotypes`.
 
   For the spread of several searches (seeds): per cell type, `ops` counts
-  chosen ops, `edges` counts chosen edges 'j->i' (nodes numbered as in the
-  reference: 0 and 1 the cell inputs, 2.. the intermediate nodes) and
-  `edge_ops` counts 'j->i op'. Keys are sorted by decreasing count.
+  chosen ops, `edges` counts chosen edges 'j->i' (DARTS: nodes numbered as in
+  the reference, 0 and 1 the cell inputs, 2.. the intermediate nodes) and
+  `edge_ops` counts 'j->i op'. Keys are sorted by decreasing count. NB-201
+  archs (`jaxnas.spaces.nb201.Arch`, one cell type 'cell', every edge
+  present) are counted the same way.
   """
   def ranked(counter):
     return dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
 
   out = {'genotypes': len(genotypes)}
-  for cell in ('normal', 'reduce'):
+  cells = (('normal', 'reduce') if not genotypes or
+           hasattr(genotypes[0], 'normal') else ('cell',))
+  for cell in cells:
     ops_, edges, edge_ops = {}, {}, {}
     for g in genotypes:
-      for k, (op, j) in enumerate(getattr(g, cell)):
-        edge = f'{j}->{2 + k // 2}'
+      for edge, op in _chosen(g, cell):
         ops_[op] = ops_.get(op, 0) + 1
         edges[edge] = edges.get(edge, 0) + 1
         edge_ops[f'{edge} {op}'] = edge_ops.get(f'{edge} {op}', 0) + 1
@@ -196,7 +207,7 @@ def format_counts(counts: Mapping) -> str:
   """A few readable lines of `choice_counts`' ops and edges."""
   n = counts['genotypes']
   lines = []
-  for cell in ('normal', 'reduce'):
+  for cell in [k for k in counts if k != 'genotypes']:
     for what in ('ops', 'edges'):
       items = ', '.join(f'{k} {v}/{n}' for k, v in counts[cell][what].items())
       lines.append(f'  {cell} {what}: {items}')
