@@ -14,6 +14,9 @@ prints one JSON object:
   steps (the high-water mark is reset after compilation, so compiler memory
   is not counted), `peak_rss_total_bytes` the peak including compilation.
 
+`--parallel pmap --devices N` splits the batch over N devices (forced CPU
+devices: `XLA_FLAGS=--xla_force_host_platform_device_count=8`).
+
 Sizes: `small` is C=8, 5 cells, batch 32 on 32x32 images; `paper` is the
 method's search setting from its config (DARTS: C=16, 8 cells, batch 64).
 Inputs are random 32x32x3 images with 10 classes, as in the PyTorch numbers
@@ -44,6 +47,11 @@ _SHARE = flags.DEFINE_bool('share_backward', None,
                            'Override the config\'s share_backward.')
 _CACHE = flags.DEFINE_bool('cache', False,
                            'Use the persistent compilation cache.')
+_PARALLEL = flags.DEFINE_enum('parallel', 'jit', ['jit', 'pmap', 'shard_map'],
+                              'How the step is mapped over devices.')
+_DEVICES = flags.DEFINE_integer(
+    'devices', None, 'Devices to split the (global) batch over (pmap / '
+    'shard_map; default all local devices).')
 
 SIZES = {
     'small': dict(init_channels=8, layers=5, batch_size=32),
@@ -84,11 +92,17 @@ def _reset_peak_rss() -> bool:
 
 
 def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
-        depthwise_impl=None, batch_size=None, share_backward=None) -> dict:
-  """Benchmarks one step of `method_name` at `size`; returns the results."""
+        depthwise_impl=None, batch_size=None, share_backward=None,
+        parallel_mode: str = 'jit', devices=None) -> dict:
+  """Benchmarks one step of `method_name` at `size`; returns the results.
+
+  `parallel_mode` and `devices` choose `jaxnas.parallel.DataParallel`; the
+  config's batch size is the global batch, split over the devices.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from experiments import search  # pylint: disable=g-import-not-at-top
+  from jaxnas import parallel  # pylint: disable=g-import-not-at-top
 
   order = {'1': 'first', '2': 'second'}.get(order, order)
   config = _config(method_name, size)
@@ -117,7 +131,10 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t
 
-  step = jax.jit(method.step, donate_argnums=0)
+  par = parallel.DataParallel(parallel_mode, devices)
+  state = par.put_state(state)
+  batches = [par.put_batch(b) for b in batches]
+  step = par.step(method.step)
   t = time.perf_counter()
   lowered = step.lower(state, batches[0])
   lower_s = time.perf_counter() - t
@@ -141,7 +158,7 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
     state, metrics = compiled(state, batches[i % 2])
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
-  loss = float(jax.device_get(metrics['train_loss']))
+  loss = float(np.mean(jax.device_get(metrics['train_loss'])))
   rss_steps = _rss_bytes('VmHWM') if reset else None
 
   device = jax.devices()[0]
@@ -162,7 +179,8 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
       'init_s': round(init_s, 2),
       'final_train_loss': loss,
       'backend': jax.default_backend(), 'device': device.device_kind,
-      'num_devices': jax.local_device_count(),
+      'parallel': parallel_mode, 'num_devices': par.num_devices,
+      'local_device_count': jax.local_device_count(),
       'cpu_count': os.cpu_count(), 'python': platform.python_version(),
       'jax': jax.__version__,
   }
@@ -175,7 +193,8 @@ def main(argv):
     from experiments import common  # pylint: disable=g-import-not-at-top
     common.enable_compilation_cache()
   result = run(_METHOD.value, _SIZE.value, _ORDER.value, _STEPS.value,
-               _DEPTHWISE.value, _BATCH.value, _SHARE.value)
+               _DEPTHWISE.value, _BATCH.value, _SHARE.value,
+               _PARALLEL.value, _DEVICES.value)
   print(json.dumps(result))
 
 

@@ -12,7 +12,9 @@ Otherwise:
 
 Running the same command again on the same workdir resumes from the last
 checkpoint (exactly: the batches are a pure function of (seed, step), so a
-resumed run ends with the alphas of an uninterrupted one). SIGTERM / SIGINT
+resumed run ends with the alphas of an uninterrupted one on the same devices;
+on another device count it continues the same search up to float rounding,
+or, with sync_bn=False, with other per-device BatchNorm batches). SIGTERM / SIGINT
 save a checkpoint and exit; a non-finite loss stops the run without saving.
 
 Devices and hosts: the step runs data-parallel over every local device
@@ -319,8 +321,9 @@ def _nb201_final(table, results):
     accs = [r[m]['accuracy'] for r in runs]
     out['best'][m] = table.best(m)[2]
     out['random'][m] = table.random_stats(m)
-    out.setdefault('seeds', {})[m] = {'mean': float(np.mean(accs)),
-                                      'std': float(np.std(accs))}
+    if len(runs) > 1:
+      out.setdefault('seeds', {})[m] = {'mean': float(np.mean(accs)),
+                                        'std': float(np.std(accs))}
   return out
 
 
@@ -333,7 +336,7 @@ def _nb201_text(report):
     lines.append(f"NAS-Bench-201 seed {r['seed']}: index {r['index']} "
                  f"{r['arch']}\n  {accs}")
   for what in ('seeds', 'random'):
-    if what == 'seeds' and len(report['runs']) < 2:
+    if what not in report:
       continue
     accs = ', '.join(f"{m.split('_')[0]} {v['mean']:.2f}±{v['std']:.2f}"
                      for m, v in report[what].items())
@@ -342,14 +345,20 @@ def _nb201_text(report):
   return '\n'.join(lines)
 
 
-def _any_process(flag: int) -> int:
-  """The largest `flag` over all processes (every process must call it)."""
+def _all_processes(value: int) -> list:
+  """`value` of every process, in process order (all must call it)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
-    return flag
+    return [value]
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return int(np.max(multihost_utils.process_allgather(np.int32(flag))))
+  return np.asarray(
+      multihost_utils.process_allgather(np.int32(value))).ravel().tolist()
+
+
+def _any_process(flag: int) -> int:
+  """The largest `flag` over all processes (every process must call it)."""
+  return max(_all_processes(flag))
 
 
 def search(config, workdir: str):
@@ -381,8 +390,16 @@ def search(config, workdir: str):
     parallel.initialize_distributed(config.get('coordinator_address'),
                                     config.get('num_processes'),
                                     config.get('process_id'))
-  par = parallel.DataParallel(config.get('parallel', 'pmap'),
-                              config.get('num_devices'))
+  if '://' in workdir:
+    raise ConfigError(
+        f'workdir {workdir!r}: logs, genotypes and pictures are written with '
+        'local file I/O; use a local or mounted path (on a pod, shared storage '
+        'such as NFS or a gcsfuse mount of the bucket)')
+  try:
+    par = parallel.DataParallel(config.get('parallel', 'pmap'),
+                                config.get('num_devices'))
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   if config.batch_size % par.num_devices:
     raise ConfigError(
         f'batch_size={config.batch_size} is not divisible by the '
@@ -402,8 +419,8 @@ def search(config, workdir: str):
     raise ConfigError(
         f'classes {sorted(int(c) for c in only)} appear in only one half of '
         f'the {config.dataset} training split (split at train_portion='
-        f'{config.train_portion}); the examples look ordered by class: '
-        'shuffle them once before searching')
+        f'{config.train_portion}): the examples are ordered by class, or '
+        'those classes are too rare to reach both halves')
   augment = (data.Augment(config.crop_padding, config.flip)
              if config.crop_padding or config.flip else None)
   steps_per_epoch = len(weights_half) // config.batch_size
@@ -417,6 +434,14 @@ def search(config, workdir: str):
   if config.get('max_eval_examples'):
     eval_split = arch_half.take(np.arange(
         min(config.max_eval_examples, len(arch_half))))
+  if (config.get('space') == 'nb201' and
+      not config.get('track_running_stats', True)):
+    # BNs normalise evaluation batches by their own statistics: padding rows
+    # would change them, so evaluate whole batches only.
+    eval_batch_size = min(eval_batch_size, len(eval_split) //
+                          par.num_devices * par.num_devices)
+    eval_split = eval_split.take(np.arange(
+        len(eval_split) // eval_batch_size * eval_batch_size))
   _, method = build(config, ds.num_classes, steps_per_epoch)
   seeds = _Seeds(config, method, lambda seed: data.SearchBatches(
       weights_half, arch_half, batch_size=config.batch_size, seed=seed,
@@ -434,6 +459,10 @@ def search(config, workdir: str):
                                  max_to_keep=config.keep_checkpoints)
   sample = seeds.batches[0].batch(0)['train']['image'][:1]
   start = ckpt.latest_step()
+  if len(set(_all_processes(-1 if start is None else start))) > 1:
+    raise checkpoint.CheckpointError(
+        f'the processes see different checkpoints in {workdir}: the workdir '
+        'must be storage shared by all of them')
   num_cells = (3 * config.cells_per_stage + 2 if config.get('space') == 'nb201'
                else config.layers)  # NB-201: N cells x 3 + 2 ResNet blocks
   if start is None:
@@ -557,10 +586,11 @@ def search(config, workdir: str):
           host_state, genotypes = derive_all()
           if table is not None:  # the ground truth, as AutoDL logs it
             reports = [table.report(g) for _, g in genotypes]
-            truth = {'nb201_index': [r['index'] for r in reports]}
-            for m in nb201_bench.PAPER_METRICS:
-              truth[f'nb201_{m}'] = [r[m]['accuracy'] for r in reports]
+            truth = {f'nb201_{m}': [r[m]['accuracy'] for r in reports]
+                     for m in nb201_bench.PAPER_METRICS}
             record.update(scalars(truth))
+            indices = [r['index'] for r in reports]
+            record['nb201_index'] = indices if seeds.many else indices[0]
           log.write(done, record, prefix='epoch/')
           for seed, g in genotypes:
             log.write(done, {'epoch': epoch, 'genotype': g.to_dict(),
@@ -588,9 +618,15 @@ def search(config, workdir: str):
                     f" (index {reports[0]['index']})")
           progress.write(text)
           sums, count = {}, 0
-        if done == total_steps or done % config.checkpoint_every_steps == 0:
+        checkpointed = (done == total_steps or
+                        done % config.checkpoint_every_steps == 0)
+        if checkpointed:
           save(done)
-        signum = _any_process(signals.received or 0)
+        # One process's signal stops all: they agree at points every process
+        # reaches (a host round trip, so not after every step on a pod).
+        synced = logged or checkpointed or i == steps_per_epoch - 1
+        signum = (_any_process(signals.received or 0) if synced or hosts == 1
+                  else 0)
         if signum:
           save(done)
           ckpt.wait()

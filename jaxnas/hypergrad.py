@@ -17,6 +17,10 @@ Second order (Liu et al. 2019, Eq. 7; quark0/darts `cnn/architect.py`):
 `unrolled_fd` estimates H v by central finite differences with
 R = r / ||v|| as the reference does; `unrolled_exact` computes it exactly by
 forward-over-reverse autodiff (`jax.jvp` of `jax.grad`).
+
+Under pmap / shard_map the weight gradients of the virtual step and v are
+averaged over devices inside; the returned arch gradient is this device's
+(the caller averages it, as `jaxnas.methods.base.apply_arch_grads` does).
 """
 
 from typing import Any, Callable, Tuple

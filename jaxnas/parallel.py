@@ -2,8 +2,11 @@
 
 Step functions reduce across devices only through `pmean` / `psum`, which are
 the identity when no `AXIS` is bound (plain `jit` on one device), so the same
-function runs under `jax.jit`, `jax.pmap(axis_name=AXIS)` and `jax.shard_map`
-over a mesh axis named `AXIS`. `DataParallel` wraps a step for one of those
+function runs under `jax.jit`, `jax.pmap(axis_name=AXIS)` and
+`jax.shard_map(..., check_vma=False)` over a mesh axis named `AXIS`. (With
+shard_map's default `check_vma=True`, `jax.grad` of replicated weights is
+already summed over devices, so the step's `pmean` would leave gradients N
+times too large: `DataParallel` sets it off.) `DataParallel` wraps a step for one of those
 three and moves states and batches to the matching layout:
 
   par = DataParallel('pmap')            # or 'shard_map', or 'jit'
@@ -94,6 +97,19 @@ def shard(batch: PyTree, num_devices: int) -> PyTree:
   return jax.tree.map(reshape, batch)
 
 
+def _is_key(x) -> bool:
+  return (isinstance(x, jax.Array) and
+          jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+
+
+def _placed(put: Callable[[np.ndarray], jax.Array], x) -> jax.Array:
+  """`put` of a leaf's host value; typed PRNG keys travel as their data."""
+  if _is_key(x):
+    return jax.random.wrap_key_data(
+        put(np.asarray(jax.random.key_data(x))), impl=jax.random.key_impl(x))
+  return put(np.asarray(x))
+
+
 def replicate(tree: PyTree, devices: Optional[Sequence[jax.Device]] = None
               ) -> PyTree:
   """One copy of every leaf per device: leaves [devices, ...] for pmap.
@@ -102,11 +118,12 @@ def replicate(tree: PyTree, devices: Optional[Sequence[jax.Device]] = None
   processes; give the same `devices` as the pmap that will read the copies.
   """
   n = len(devices) if devices else jax.local_device_count()
-  stacked = jax.tree.map(
-      lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
   # Through pmap itself, so the copies carry the sharding pmap gives its
   # outputs: a step fed its own output state then does not compile again.
-  return _pmap_identity(tuple(devices) if devices else None)(stacked)
+  identity = _pmap_identity(tuple(devices) if devices else None)
+  return jax.tree.map(
+      lambda x: _placed(lambda v: identity(
+          np.broadcast_to(v, (n,) + v.shape)), x), tree)
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,6 +164,10 @@ class DataParallel:
     if mode not in MODES:
       raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
     local = jax.local_devices()
+    if mode == 'jit' and jax.process_count() > 1:
+      raise ValueError("mode 'jit' runs on one device of one process; with "
+                       f'{jax.process_count()} processes use pmap or '
+                       'shard_map, or every process would train alone')
     if mode == 'jit':
       if num_devices not in (None, 1):
         raise ValueError(f"mode 'jit' runs on one device, got num_devices="
@@ -212,12 +233,16 @@ class DataParallel:
       return jax.device_put(state, self.local_devices[0])
     if self.mode == 'pmap':
       return replicate(state, self._pmap_devices)
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(
-            self._replicated, np.asarray(x)), state)
+    return jax.tree.map(lambda x: _placed(
+        lambda v: jax.make_array_from_process_local_data(self._replicated, v),
+        x), state)
 
   def get_state(self, state: PyTree) -> PyTree:
-    """One device's copy of a placed state (or of replicated outputs)."""
+    """One device's copy of a placed state (or of replicated outputs).
+
+    Under 'jit' and 'shard_map' the copy shares buffers with `state`: read it
+    (e.g. `jax.device_get`) before the next step donates them.
+    """
     if self.mode == 'jit':
       return state
     if self.mode == 'pmap':

@@ -78,6 +78,15 @@ class HelpersTest(absltest.TestCase):
     chex.assert_trees_all_equal(jax.device_get(back), tree)
     self.assertEqual(back['w'].devices(), {jax.local_devices()[0]})
 
+  def test_typed_prng_keys_are_placed(self):
+    state = {'key': jax.random.key(5), 'w': np.arange(3.)}
+    for mode in ('jit', 'pmap', 'shard_map'):
+      par = parallel.DataParallel(mode)
+      back = par.get_state(par.put_state(state))
+      np.testing.assert_array_equal(jax.random.key_data(back['key']),
+                                    jax.random.key_data(state['key']))
+      np.testing.assert_array_equal(back['w'], state['w'])
+
   def test_bad_modes(self):
     with self.assertRaisesRegex(ValueError, 'mode must be one of'):
       parallel.DataParallel('dp')

@@ -441,6 +441,10 @@ class NB201SearchTest(absltest.TestCase):
       search.search(config, wd)
     with self.assertRaisesRegex(search.ConfigError, 'unknown operations'):
       search.search(self.config(primitives=('none', 'sep_conv_3x3')), wd)
+    with self.assertRaisesRegex(search.ConfigError, 'local or mounted path'):
+      search.search(self.config(), 'gs://bucket/runs/x')
+    with self.assertRaisesRegex(search.ConfigError, r'num_devices must be in'):
+      search.search(self.config(num_devices=9), wd)
     self.assertFalse(os.path.exists(wd))
 
 

@@ -9,9 +9,10 @@ checkpoints, replicates and donates cleanly.
 Batches are dicts `{'image': [B, H, W, C] float, 'label': [B] int}`; a search
 step receives `{'train': batch, 'val': batch}`.
 
-The only cross-device code is `parallel.pmean` over `parallel.AXIS`, which is
-the identity when that axis is not bound, so every step here runs unchanged
-under `jax.jit`, `jax.pmap(axis_name=AXIS)` and `jax.shard_map`.
+The only cross-device code is `parallel.pmean` / `psum` over `parallel.AXIS`
+(and SyncBN's, in the network), the identity when that axis is not bound, so
+every step here runs unchanged under `jax.jit`, `jax.pmap(axis_name=AXIS)` and
+`jax.shard_map(..., check_vma=False)` (see `jaxnas.parallel`).
 """
 
 import functools
