@@ -194,7 +194,7 @@ class SearchRunTest(absltest.TestCase):
         ('method', 'enas', 'unknown method'),
         ('dataset', 'mnist-9000', 'unknown dataset'),
         ('primitives', ('sep_conv_3x3', 'conv_9x9'), 'unknown operations'),
-        ('space', 'nb201', 'does not search space'),
+        ('space', 'nb101', 'does not search space'),
         ('init_channels', 0, 'init_channels must be a positive integer'),
         ('batch_size', -4, 'batch_size must be a positive integer'),
         ('epochs', 0, 'epochs must be a positive integer'),
