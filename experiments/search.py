@@ -243,13 +243,6 @@ def _epoch_outputs(workdir, epoch, state, genotype, primitives):
                               edge_labels)
 
 
-def _stack(trees):
-  """Stacks a list of identical pytrees along a new leading axis."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  return jax.tree.map(lambda *xs: np.stack(xs), *trees)
-
-
 class _Seeds:
   """One search, or `num_seeds` independent ones as one vmapped program.
 
@@ -653,10 +646,10 @@ def search(config, workdir: str):
       print(_nb201_text(report) + f'\n(written to {workdir}/nb201.json)',
             flush=True)
     if seeds.many and valid_acc is not None:
-      summary = _seed_summary(workdir, [
-          (s, g, float(a)) for (s, g), a in zip(genotypes, valid_acc)])
+      # seeds.json was written with the last epoch's outputs.
+      counts = genotype_lib.choice_counts([g for _, g in genotypes])
       print(f'choices over {len(seeds.seeds)} seeds (seeds.json):\n' +
-            genotype_lib.format_counts(summary['counts']), flush=True)
+            genotype_lib.format_counts(counts), flush=True)
   if not seeds.many:
     return host_state, genotypes[0][1]
   return host_state, [g for _, g in genotypes]
