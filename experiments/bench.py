@@ -18,7 +18,9 @@ prints one JSON object:
 devices: `XLA_FLAGS=--xla_force_host_platform_device_count=8`).
 
 Sizes: `small` is C=8, 5 cells, batch 32 on 32x32 images; `paper` is the
-method's search setting from its config (DARTS: C=16, 8 cells, batch 64).
+method's search setting from its config (DARTS, ROME: C=16, 8 cells, batch
+64). `--samples K` sets ROME's / GDAS' samples per update;
+`--compile_only` skips running (compile time and XLA memory only).
 Inputs are random 32x32x3 images with 10 classes, as in the PyTorch numbers
 quoted in BENCHMARKS.md.
 """
@@ -32,7 +34,8 @@ import time
 from absl import app
 from absl import flags
 
-_METHOD = flags.DEFINE_enum('method', 'darts', ['darts'], 'Search method.')
+_METHOD = flags.DEFINE_enum('method', 'darts', ['darts', 'rome', 'gdas'],
+                            'Search method.')
 _SIZE = flags.DEFINE_enum('size', 'small', ['small', 'paper'],
                           'small: C=8, 5 cells, batch 32; paper: the '
                           "method's search config.")
@@ -45,6 +48,11 @@ _DEPTHWISE = flags.DEFINE_string('depthwise_impl', None,
 _BATCH = flags.DEFINE_integer('batch_size', None, 'Override the batch size.')
 _SHARE = flags.DEFINE_bool('share_backward', None,
                            'Override the config\'s share_backward.')
+_SAMPLES = flags.DEFINE_integer('samples', None,
+                                'ROME / GDAS: override K (num_samples).')
+_COMPILE_ONLY = flags.DEFINE_bool(
+    'compile_only', False, 'Report compile time and XLA memory analysis '
+    'without running steps.')
 _CACHE = flags.DEFINE_bool('cache', False,
                            'Use the persistent compilation cache.')
 _PARALLEL = flags.DEFINE_enum('parallel', 'jit', ['jit', 'pmap', 'shard_map'],
@@ -61,9 +69,9 @@ SIZES = {
 
 def _config(method: str, size: str):
   """The method's search config with the size's overrides."""
-  from experiments.configs import darts as darts_config  # pylint: disable=g-import-not-at-top
-  configs = {'darts': lambda: darts_config.get_config('cifar10')}
-  c = configs[method]()
+  import importlib  # pylint: disable=g-import-not-at-top
+  c = importlib.import_module(f'experiments.configs.{method}').get_config(
+      'cifar10')
   for k, v in SIZES[size].items():
     c[k] = v
   return c
@@ -93,7 +101,8 @@ def _reset_peak_rss() -> bool:
 
 def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
         depthwise_impl=None, batch_size=None, share_backward=None,
-        parallel_mode: str = 'jit', devices=None) -> dict:
+        parallel_mode: str = 'jit', devices=None, samples=None,
+        compile_only: bool = False) -> dict:
   """Benchmarks one step of `method_name` at `size`; returns the results.
 
   `parallel_mode` and `devices` choose `jaxnas.parallel.DataParallel`; the
@@ -106,7 +115,12 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
 
   order = {'1': 'first', '2': 'second'}.get(order, order)
   config = _config(method_name, size)
-  config.order = order
+  if method_name == 'darts':
+    config.order = order
+  else:
+    order = None
+  if samples is not None:
+    config.num_samples = samples
   if depthwise_impl is not None:
     config.depthwise_impl = depthwise_impl
   if batch_size is not None:
@@ -149,6 +163,26 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
                      mem.temp_size_in_bytes - mem.alias_size_in_bytes)
 
   rss_total = _rss_bytes('VmHWM')
+  info = {
+      'method': method_name, 'size': size, 'order': order,
+      'num_samples': config.get('num_samples'),
+      'init_channels': config.init_channels, 'layers': config.layers,
+      'batch_size': config.batch_size,
+      'depthwise_impl': config.depthwise_impl,
+      'share_backward': config.get('share_backward'),
+      'compile_s': round(lower_s + compile_only_s, 2),
+      'lower_s': round(lower_s, 2),
+      'peak_bytes': peak_bytes,
+      'temp_bytes': None if mem is None else int(mem.temp_size_in_bytes),
+      'init_s': round(init_s, 2),
+      'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
+      'parallel': parallel_mode, 'num_devices': par.num_devices,
+      'local_device_count': jax.local_device_count(),
+      'cpu_count': os.cpu_count(), 'python': platform.python_version(),
+      'jax': jax.__version__,
+  }
+  if compile_only:
+    return {**info, 'peak_rss_total_bytes': rss_total}
   reset = _reset_peak_rss()
   state, metrics = compiled(state, batches[0])  # warm-up
   jax.block_until_ready(metrics)
@@ -161,29 +195,12 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
   loss = float(np.mean(jax.device_get(metrics['train_loss'])))
   rss_steps = _rss_bytes('VmHWM') if reset else None
 
-  device = jax.devices()[0]
-  return {
-      'method': method_name, 'size': size, 'order': order,
-      'init_channels': config.init_channels, 'layers': config.layers,
-      'batch_size': config.batch_size,
-      'depthwise_impl': config.depthwise_impl,
-      'share_backward': config.share_backward,
-      'compile_s': round(lower_s + compile_only_s, 2),
-      'lower_s': round(lower_s, 2),
-      'step_s': round(statistics.median(times), 4),
-      'step_times_s': [round(x, 4) for x in times],
-      'peak_bytes': peak_bytes,
-      'temp_bytes': None if mem is None else int(mem.temp_size_in_bytes),
-      'peak_rss_bytes': rss_steps,
-      'peak_rss_total_bytes': max(rss_total, _rss_bytes('VmHWM')),
-      'init_s': round(init_s, 2),
-      'final_train_loss': loss,
-      'backend': jax.default_backend(), 'device': device.device_kind,
-      'parallel': parallel_mode, 'num_devices': par.num_devices,
-      'local_device_count': jax.local_device_count(),
-      'cpu_count': os.cpu_count(), 'python': platform.python_version(),
-      'jax': jax.__version__,
-  }
+  return {**info,
+          'step_s': round(statistics.median(times), 4),
+          'step_times_s': [round(x, 4) for x in times],
+          'peak_rss_bytes': rss_steps,
+          'peak_rss_total_bytes': max(rss_total, _rss_bytes('VmHWM')),
+          'final_train_loss': loss}
 
 
 def main(argv):
@@ -194,7 +211,8 @@ def main(argv):
     common.enable_compilation_cache()
   result = run(_METHOD.value, _SIZE.value, _ORDER.value, _STEPS.value,
                _DEPTHWISE.value, _BATCH.value, _SHARE.value,
-               _PARALLEL.value, _DEVICES.value)
+               _PARALLEL.value, _DEVICES.value, _SAMPLES.value,
+               _COMPILE_ONLY.value)
   print(json.dumps(result))
 
 

@@ -41,6 +41,7 @@ Workdir layout:
                               seed, and the choices counted over seeds
 """
 
+import functools
 import json
 import os
 import sys
@@ -62,7 +63,10 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Output directory (default: runs/<method>-<variant>).')
 
 # Methods and the search spaces each one supports.
-METHOD_SPACES = {'darts': ('darts', 'nb201')}
+METHOD_SPACES = {'darts': ('darts', 'nb201'), 'rome': ('darts', 'nb201'),
+                 'gdas': ('darts', 'nb201')}
+# Methods whose network runs one sampled op per edge (jaxnas.methods.rome).
+SINGLE_PATH = ('rome', 'gdas')
 _POSITIVE_INTS = ('batch_size', 'epochs', 'init_channels', 'layers', 'steps',
                   'multiplier', 'stem_multiplier', 'eval_batch_size',
                   'checkpoint_every_steps', 'keep_checkpoints', 'num_seeds')
@@ -121,6 +125,8 @@ def validate(config) -> None:
   if not 0 < config.get('train_portion', 0.5) < 1:
     problems.append('train_portion must be in (0, 1), got '
                     f"{config.get('train_portion')}")
+  if method in SINGLE_PATH:
+    problems.extend(_single_path_problems(config))
   if config.get('order', 'first') not in darts.ORDERS:
     problems.append(f"order must be one of {darts.ORDERS}, got "
                     f"{config.get('order')!r}")
@@ -143,6 +149,38 @@ def validate(config) -> None:
                       'compiled or written.')
 
 
+def _single_path_problems(config) -> list:
+  """What is wrong with a ROME / GDAS config's own fields."""
+  from jaxnas.methods import rome  # pylint: disable=g-import-not-at-top
+  problems = []
+  topology = config.get('topology')
+  if topology not in rome.TOPOLOGIES:
+    problems.append(f'topology must be one of {rome.TOPOLOGIES}, got '
+                    f'{topology!r}')
+  elif topology != 'none' and config.get('space') == 'nb201':
+    problems.append('NAS-Bench-201 cells have a fixed topology: set '
+                    '--config.topology=none')
+  elif topology != 'none' and 'none' in config.get('primitives', ()):
+    problems.append("topology sampling picks each node's edges, so 'none' "
+                    'must not be an op (ROME removes it); drop it from '
+                    'primitives or set topology=none')
+  for k in ('num_samples', 'weight_samples'):
+    v = config.get(k)
+    if not (v is None and k == 'weight_samples') and (
+        not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+      problems.append(f'{k} must be a positive integer, got {v!r}')
+  if config.get('weight_reduce') not in rome.REDUCTIONS:
+    problems.append(f'weight_reduce must be one of {rome.REDUCTIONS}, got '
+                    f"{config.get('weight_reduce')!r}")
+  if not 0 < config.get('tau_min', 0) <= config.get('tau_max', 0):
+    problems.append('need 0 < tau_min <= tau_max, got '
+                    f"{config.get('tau_min')} and {config.get('tau_max')}")
+  if config.get('per_device_samples') and config.get('sync_bn', True):
+    problems.append('per_device_samples runs other ops on each device, which '
+                    'SyncBN cannot synchronise: set --config.sync_bn=False')
+  return problems
+
+
 def build(config, num_classes: int, steps_per_epoch: int):
   """The search network and method of `config`."""
   # Imported here so that `--help` answers without starting JAX.
@@ -150,19 +188,22 @@ def build(config, num_classes: int, steps_per_epoch: int):
   from jaxnas import parallel  # pylint: disable=g-import-not-at-top
   from jaxnas.methods import darts  # pylint: disable=g-import-not-at-top
   from jaxnas.methods import base  # pylint: disable=g-import-not-at-top
+  from jaxnas.methods import rome  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import darts as darts_space  # pylint: disable=g-import-not-at-top
+  from jaxnas.spaces import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import nb201  # pylint: disable=g-import-not-at-top
   if config.method not in METHOD_SPACES:
     raise ConfigError(f'unknown method {config.method!r}; known: '
                       f'{sorted(METHOD_SPACES)}')
   bn_axis = parallel.AXIS if config.get('sync_bn', True) else None
+  single_path = config.method in SINGLE_PATH
   if config.get('space', 'darts') == 'nb201':
     net = nb201.SearchNetwork(
         C=config.init_channels, N=config.cells_per_stage,
         num_classes=num_classes,
         primitives=tuple(config.get('primitives', ops.NB201_PRIMITIVES)),
         track_running_stats=config.get('track_running_stats', True),
-        bn_axis_name=bn_axis)
+        bn_axis_name=bn_axis, single_path=single_path)
     derive_fn = base.space_derive(
         net, exclude=('none',) if config.get('exclude_none') else ())
   else:
@@ -171,8 +212,29 @@ def build(config, num_classes: int, steps_per_epoch: int):
         steps=config.steps, multiplier=config.multiplier,
         stem_multiplier=config.stem_multiplier,
         primitives=tuple(config.get('primitives', ops.DARTS_PRIMITIVES)),
-        depthwise_impl=config.depthwise_impl, bn_axis_name=bn_axis)
+        depthwise_impl=config.depthwise_impl, bn_axis_name=bn_axis,
+        single_path=single_path)
     derive_fn = base.space_derive(net)
+    if config.get('derive_top_pairs'):
+      derive_fn = functools.partial(
+          genotype_lib.derive_top_pairs, primitives=net.primitives,
+          steps=net.steps, multiplier=net.multiplier)
+  if single_path:
+    method = rome.make(
+        net, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+        topology=config.topology, num_samples=config.num_samples,
+        weight_samples=config.get('weight_samples'),
+        weight_reduce=config.weight_reduce, lr=config.lr,
+        lr_min=config.lr_min, momentum=config.momentum,
+        weight_decay=config.weight_decay, grad_clip=config.grad_clip,
+        nesterov=config.get('nesterov', False), arch_lr=config.arch_lr,
+        arch_betas=(config.arch_b1, config.arch_b2),
+        arch_weight_decay=config.arch_weight_decay,
+        arch_init_scale=config.arch_init_scale, tau_max=config.tau_max,
+        tau_min=config.tau_min, zero_terms=config.zero_terms,
+        per_device_samples=config.per_device_samples,
+        weights_first=config.weights_first, derive_fn=derive_fn)
+    return net, method
   method = darts.make(
       net, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
       order=config.order, lr=config.lr, lr_min=config.lr_min,
@@ -196,15 +258,17 @@ RESUME_IGNORE = ('workdir', 'data_dir', 'log_every_steps', 'eval_batch_size',
                  'num_processes', 'process_id', 'nb201_table')
 
 
-def _epoch_outputs(workdir, epoch, state, genotype, primitives):
+def _epoch_outputs(workdir, epoch, state, genotype, primitives, mixing):
   """Writes the genotype, alphas and pictures after `epoch` (process 0).
 
   DARTS genotypes are drawn as cells; NAS-Bench-201 archs are strings (in
   genotype.txt) and their heatmaps label edges 'i<-j' as the benchmark.
+  `mixing` maps the architecture to the op weights drawn; the .npz files hold
+  every architecture array (`alpha_<path>`, e.g. alpha_ops_normal for ROME).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jaxnas import arch as arch_lib  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import viz  # pylint: disable=g-import-not-at-top
   for sub in ('genotypes', 'alphas'):
     os.makedirs(os.path.join(workdir, sub), exist_ok=True)
@@ -216,8 +280,9 @@ def _epoch_outputs(workdir, epoch, state, genotype, primitives):
   common.atomic_write(os.path.join(workdir, 'genotype.txt'),
                       str(genotype) + '\n')
   alphas = jax.tree.map(np.asarray, jax.device_get(state.arch))
-  weights = jax.tree.map(np.asarray, arch_lib.softmax_weights(alphas))
-  arrays = {**{f'alpha_{k}': v for k, v in alphas.items()},
+  weights = jax.tree.map(np.asarray, mixing(alphas))
+  arrays = {**{f'alpha_{k}': v for k, v in traverse_util.flatten_dict(
+      alphas, sep='_').items()},
             **{f'weights_{k}': v for k, v in weights.items()}}
   for path in (os.path.join(workdir, 'alphas', f'epoch_{epoch:03d}.npz'),
                os.path.join(workdir, 'alphas.npz')):
@@ -336,6 +401,14 @@ def _nb201_text(report):
     lines.append(f"  {'over seeds' if what == 'seeds' else 'random archs'}: "
                  f'{accs}')
   return '\n'.join(lines)
+
+
+def _method_summary(config) -> str:
+  """The method's main settings, for the start-up line."""
+  if config.method in SINGLE_PATH:
+    return (f'K={config.num_samples}, topology={config.topology}, '
+            f'tau {config.tau_max} -> {config.tau_min}')
+  return f'order={config.order}'
 
 
 def _all_processes(value: int) -> list:
@@ -465,8 +538,8 @@ def search(config, workdir: str):
            f'{len(weights_half)} weight / {len(arch_half)} architecture '
            f'examples, {config.epochs} epochs x {steps_per_epoch} steps of '
            f'{config.batch_size}, {config.get("space", "darts")} space, '
-           f'C={config.init_channels}, {num_cells} cells, order='
-           f'{config.order}, {par.num_devices} device(s) '
+           f'C={config.init_channels}, {num_cells} cells, '
+           f'{_method_summary(config)}, {par.num_devices} device(s) '
            f'({config.get("parallel", "pmap")}, {hosts} process(es))')
     if seeds.many:
       msg += f', seeds {seeds.seeds} vmapped'
@@ -592,7 +665,8 @@ def search(config, workdir: str):
             for (seed, g), (_, st) in zip(genotypes, seeds.each(host_state)):
               out_dir = (os.path.join(workdir, f'seed_{seed}') if seeds.many
                          else workdir)
-              _epoch_outputs(out_dir, epoch, st, g, primitives)
+              _epoch_outputs(out_dir, epoch, st, g, primitives,
+                             method.mixing)
             if seeds.many:
               _seed_summary(workdir, [
                   (s, g, float(a)) for (s, g), a in zip(genotypes, valid_acc)])

@@ -6,6 +6,9 @@ Methods differ only in the weights they feed:
 
 * DARTS, P-DARTS, GAEA: dense weights (softmax of logits, or simplex points).
 * DropNAS: weights that are exactly zero on dropped ops.
+* GDAS, ROME: a `SinglePath` sample instead of weights: one op per edge (and,
+  with ROME's topology, some edges not at all), run alone through
+  `switch` so that unchosen ops cost no compute and no activation memory.
 
 The search cell evaluates each op for several edges at once (see
 `jaxnas.spaces.darts.SourceGroup`), so mixtures are formed here for a group of
@@ -15,8 +18,9 @@ and nothing to any gradient except through the coupling of the weights
 themselves, which the caller's weight function already carries.
 """
 
-from typing import Sequence, Tuple
+from typing import Callable, NamedTuple, Sequence, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -50,3 +54,36 @@ def mix(terms: Sequence[Term], num_edges: int) -> jax.Array:
       term = jnp.zeros(shape, y.dtype).at[jnp.asarray(rows)].set(term)
     out = term if out is None else out + term
   return out
+
+
+class SinglePath(NamedTuple):
+  """One sampled sub-network of a cell type (see `jaxnas.arch`).
+
+  Attributes:
+    index: [E] int32: the op each edge runs (its position in the edge's op
+      list), or -1 for an edge that is not computed (output zero).
+    gate: [E] float: multiplies the op's output; value 1 on computed edges,
+      with the straight-through gradient of the relaxed weights.
+    offset: [E] float: added to the edge's output (value 0; a gradient path
+      for the other ops' weights where a method wants one).
+  """
+  index: jax.Array
+  gate: jax.Array
+  offset: jax.Array
+
+
+def switch(module: nn.Module, branches: Sequence[Callable], index: jax.Array,
+           x: jax.Array, out_shape: Tuple[int, ...]) -> jax.Array:
+  """Runs branch `index` of `branches` (each `(module, x) -> y`) alone.
+
+  `index` -1 gives zeros of `out_shape`. Under `jax.grad` only the chosen
+  branch's backward runs, and JAX shares the residual buffers of branches
+  of the same shapes, so memory is that of the largest single op. Under
+  `vmap` with a batched index, XLA computes every branch and selects
+  (correct, not frugal). At initialisation every branch runs, without a
+  switch, so that all ops' variables exist.
+  """
+  if module.is_initializing():  # create every op's variables, no switch
+    return sum(b(module, x) for b in branches)
+  zero = lambda m, x: jnp.zeros(out_shape, x.dtype)
+  return nn.switch(index + 1, [zero, *branches], module, x)

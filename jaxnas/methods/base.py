@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jaxnas import arch as arch_lib
 from jaxnas import parallel
 
 PyTree = Any
@@ -62,11 +63,15 @@ class Method(NamedTuple):
     step: `(state, {'train': batch, 'val': batch}) -> (state, metrics)`.
     eval_step: `(state, batch) -> metrics` with running BN statistics.
     derive: `(state) -> Genotype`.
+    mixing: `(arch) -> {cell type: [edges, ops]}` op weights to draw and log
+      (DARTS: the softmax of the alphas).
   """
   init: Callable[..., SearchState]
   step: Callable[..., Tuple[SearchState, Mapping[str, jax.Array]]]
   eval_step: Callable[..., Mapping[str, jax.Array]]
   derive: Callable[..., Any]
+  mixing: Callable[[PyTree], Mapping[str, jax.Array]] = (
+      arch_lib.softmax_weights)
 
 
 def classification_loss(params: PyTree, arch: PyTree, batch_stats: PyTree,

@@ -18,6 +18,11 @@ Architecture parameters are not Flax params: `__call__` takes the per-edge
 mixing weights for each cell type, so any method can feed softmax weights,
 simplex points, masked or sampled weights through the same network.
 
+With `single_path=True` the network takes a `jaxnas.edges.SinglePath` per
+cell type instead (GDAS, ROME): each edge runs only its sampled op (an edge
+with index -1 runs nothing), times its straight-through gate. Its weights are
+laid out per edge (`cell{i}/edge{e}/{op}`), not stacked per source node.
+
 Synopsis:
 
   net = SearchNetwork(C=16, num_classes=10, layers=8)
@@ -141,6 +146,61 @@ class SourceGroup(nn.Module):
                                           name=f'{name}_bn')(y)
 
 
+class PoolBN(nn.Module):
+  """A search-mixture pool: 3x3 pool then non-affine BN (model_search.py)."""
+  kind: str
+  stride: int
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = ops.Pool(self.kind, self.stride)(x, train)
+    return ops.batch_norm(train, False, self.bn_axis_name, name='bn')(y)
+
+
+class SinglePathEdge(nn.Module):
+  """One edge that runs only its sampled op (`jaxnas.edges.switch`).
+
+  The ops are those of the search mixture (pools followed by a non-affine
+  BN, all BNs non-affine), so a single-path and a mixture network search the
+  same space. 'none' gives zeros.
+  """
+  channels: int
+  stride: int
+  names: Tuple[str, ...]
+  depthwise_impl: str = 'auto'
+  bn_axis_name: Optional[str] = None
+
+  def setup(self):
+    mods = []
+    for n in self.names:
+      if n == 'none':
+        continue
+      if n.endswith('pool_3x3'):
+        mods.append(PoolBN(n[:3], self.stride, self.bn_axis_name, name=n))
+      else:
+        mods.append(ops.make_op(n, self.channels, self.stride, False,
+                                depthwise_impl=self.depthwise_impl,
+                                bn_axis_name=self.bn_axis_name,
+                                module_name=n))
+    self.ops = mods
+
+  def __call__(self, x: jax.Array, index: jax.Array, gate: jax.Array,
+               offset: jax.Array, train: bool) -> jax.Array:
+    b, h, w, _ = x.shape
+    out_shape = (b, -(-h // self.stride), -(-w // self.stride),
+                 self.channels)
+    branches, k = [], 0
+    for n in self.names:
+      if n == 'none':
+        branches.append(lambda m, x: jnp.zeros(out_shape, x.dtype))
+      else:
+        branches.append(lambda m, x, k=k: m.ops[k](x, train))
+        k += 1
+    y = edges.switch(self, branches, index, x, out_shape)
+    return gate.astype(y.dtype) * y + offset.astype(y.dtype)
+
+
 class SearchCell(nn.Module):
   """A DARTS search cell; `edge_ops[e]` lists edge e's candidate ops."""
   channels: int
@@ -151,6 +211,7 @@ class SearchCell(nn.Module):
   multiplier: int = 4
   depthwise_impl: str = 'auto'
   bn_axis_name: Optional[str] = None
+  single_path: bool = False
 
   @nn.compact
   def __call__(self, s0: jax.Array, s1: jax.Array, weights: jax.Array,
@@ -166,6 +227,19 @@ class SearchCell(nn.Module):
                         name='preprocess1')(s1, train)
     index = _edge_index(self.steps)
     states = [s0, s1]
+    if self.single_path:
+      for i in range(self.steps):
+        node = None
+        for j in range(2 + i):
+          e = index[(i, j)]
+          y = SinglePathEdge(
+              c, 2 if self.reduction and j < 2 else 1, self.edge_ops[e],
+              self.depthwise_impl, bn_axis, name=f'edge{e}')(
+                  states[j], weights.index[e], weights.gate[e],
+                  weights.offset[e], train)
+          node = y if node is None else node + y
+        states.append(node)
+      return jnp.concatenate(states[-self.multiplier:], axis=-1)
     outputs = {}  # edge id -> mixture output
 
     def run_group(sources, name):
@@ -208,6 +282,8 @@ class SearchNetwork(nn.Module):
     reduce_ops: optional per-edge op subsets of reduction cells.
     depthwise_impl: see `jaxnas.ops.DEPTHWISE_IMPLS`.
     bn_axis_name: if set, BatchNorm statistics are averaged over this axis.
+    single_path: take `jaxnas.edges.SinglePath` samples instead of mixing
+      weights (see the module docstring).
   """
   C: int = 16
   num_classes: int = 10
@@ -220,6 +296,7 @@ class SearchNetwork(nn.Module):
   reduce_ops: Optional[EdgeOps] = None
   depthwise_impl: str = 'auto'
   bn_axis_name: Optional[str] = None
+  single_path: bool = False
 
   def edge_ops(self, cell_type: str) -> EdgeOps:
     """Per-edge candidate ops of `cell_type` ('normal' or 'reduce')."""
@@ -256,7 +333,13 @@ class SearchNetwork(nn.Module):
       if t not in weights:
         raise ValueError(f'missing mixing weights for {t!r} cells; got keys '
                          f'{sorted(weights)}')
-      if tuple(weights[t].shape) != shape:
+      if self.single_path:
+        w = weights[t]
+        if not isinstance(w, edges.SinglePath) or w.index.shape != shape[:1]:
+          raise ValueError(
+              f'a single-path network takes a jaxnas.edges.SinglePath with '
+              f'{shape[0]} edges per cell type; got {w!r:.200}')
+      elif tuple(weights[t].shape) != shape:
         raise ValueError(f'{t} mixing weights must have shape {shape}, got '
                          f'{tuple(weights[t].shape)}')
 
@@ -279,7 +362,7 @@ class SearchNetwork(nn.Module):
       cell = SearchCell(c_curr, reduction, reduction_prev,
                         self.edge_ops(cell_type), self.steps, self.multiplier,
                         self.depthwise_impl, self.bn_axis_name,
-                        name=f'cell{i}')
+                        self.single_path, name=f'cell{i}')
       s0, s1 = s1, cell(s0, s1, weights[cell_type], train)
       reduction_prev = reduction
     out = jnp.mean(s1, axis=(1, 2))

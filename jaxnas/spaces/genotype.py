@@ -108,7 +108,9 @@ def derive(weights: Mapping[str, np.ndarray],
            primitives: Sequence[str] = ops.DARTS_PRIMITIVES,
            steps: int = 4,
            multiplier: int = 4,
-           exclude: Sequence[str] = ('none',)) -> Genotype:
+           exclude: Sequence[str] = ('none',),
+           edge_scores: Optional[Mapping[str, np.ndarray]] = None
+           ) -> Genotype:
   """The DARTS derivation rule (quark0/darts `Network.genotype`).
 
   For each node, keep the two incoming edges whose strongest op outside
@@ -125,6 +127,9 @@ def derive(weights: Mapping[str, np.ndarray],
     steps: intermediate nodes per cell.
     multiplier: the cell output concatenates the last `multiplier` nodes.
     exclude: ops never chosen.
+    edge_scores: per cell type, [num_edges] scores that choose each node's two
+      edges instead of their strongest op's weight (ROME's topology
+      probabilities); ops are still chosen by `weights`.
 
   Returns:
     The genotype.
@@ -155,12 +160,48 @@ def derive(weights: Mapping[str, np.ndarray],
         if w[e, k] > w[e, k_best]:
           k_best = k
       best.append((w[e, k_best], names[e][k_best]))
+    if edge_scores is not None:
+      scores = np.asarray(edge_scores[cell_type], dtype=np.float64)
+      if scores.shape != (n_edges,):
+        raise ValueError(f'{cell_type}: edge_scores must have shape '
+                         f'({n_edges},), got {scores.shape}')
+      best = [(scores[e], op) for e, (_, op) in enumerate(best)]
     gene, start = [], 0
     for i in range(steps):
       n_in = 2 + i
       order = sorted(range(n_in), key=lambda j: -best[start + j][0])
       gene.extend((best[start + j][1], j) for j in order[:2])
       start += n_in
+    cells[cell_type] = gene
+  concat = list(range(2 + steps - multiplier, steps + 2))
+  return Genotype(normal=cells['normal'], normal_concat=concat,
+                  reduce=cells['reduce'], reduce_concat=list(concat))
+
+
+def derive_top_pairs(weights: Mapping[str, np.ndarray], *,
+                     primitives: Sequence[str] = ops.DARTS_PRIMITIVES,
+                     steps: int = 4, multiplier: int = 4,
+                     exclude: Sequence[str] = ('none',)) -> Genotype:
+  """GDAS' NASNet-space rule (AutoDL-Projects `NASNetworkGDAS.genotype`).
+
+  For each node, the two strongest (op, input) pairs among all of its
+  incoming edges' ops outside `exclude`, strongest first (so, unlike DARTS'
+  rule, both may come from one input). Ties keep the earlier edge and op.
+  """
+  cells = {}
+  for cell_type in ('normal', 'reduce'):
+    w = np.asarray(weights[cell_type], dtype=np.float64)
+    n_edges = sum(2 + i for i in range(steps))
+    if w.shape != (n_edges, len(primitives)):
+      raise ValueError(f'{cell_type}: expected weights of shape '
+                       f'({n_edges}, {len(primitives)}), got {w.shape}')
+    gene, start = [], 0
+    for i in range(steps):
+      pairs = [(w[start + j, k], op, j) for j in range(2 + i)
+               for k, op in enumerate(primitives) if op not in exclude]
+      pairs.sort(key=lambda t: -t[0])  # stable: ties keep the earlier pair
+      gene.extend((op, j) for _, op, j in pairs[:2])
+      start += 2 + i
     cells[cell_type] = gene
   concat = list(range(2 + steps - multiplier, steps + 2))
   return Genotype(normal=cells['normal'], normal_concat=concat,

@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnas import edges
 from jaxnas import ops
 
 NB201_PRIMITIVES = ops.NB201_PRIMITIVES
@@ -248,7 +249,9 @@ class MixedEdge(nn.Module):
   """One edge: `sum_k w[k] * op_k(x)` over `primitives`.
 
   'none' is never computed: it adds zero, and its weight gets a zero
-  gradient, as with the reference's `x.mul(0.)`.
+  gradient, as with the reference's `x.mul(0.)`. Given a
+  `jaxnas.edges.SinglePath` row instead of weights, the edge runs only the
+  sampled op (GDAS): `gate * op_index(x) + offset`.
   """
   channels: int
   primitives: Tuple[str, ...] = NB201_PRIMITIVES
@@ -256,17 +259,29 @@ class MixedEdge(nn.Module):
   track_running_stats: bool = True
   bn_axis_name: Optional[str] = None
 
-  @nn.compact
-  def __call__(self, x: jax.Array, w: jax.Array, train: bool) -> jax.Array:
+  def setup(self):
+    self.ops = [ops.make_nb201_op(
+        op, self.channels, self.affine,
+        track_running_stats=self.track_running_stats,
+        bn_axis_name=self.bn_axis_name, module_name=op)
+                for op in self.primitives if op != 'none']
+
+  def __call__(self, x: jax.Array, w, train: bool) -> jax.Array:
+    branches, k = [], 0
+    for op in self.primitives:
+      if op == 'none':
+        branches.append(lambda m, x: jnp.zeros_like(x))
+      else:
+        branches.append(lambda m, x, k=k: m.ops[k](x, train))
+        k += 1
+    if isinstance(w, edges.SinglePath):
+      y = edges.switch(self, branches, w.index, x, x.shape)
+      return w.gate.astype(y.dtype) * y + w.offset.astype(y.dtype)
     out = jnp.zeros_like(x)
     for k, op in enumerate(self.primitives):
-      if op == 'none':
-        continue
-      y = ops.make_nb201_op(
-          op, self.channels, self.affine,
-          track_running_stats=self.track_running_stats,
-          bn_axis_name=self.bn_axis_name, module_name=op)(x, train)
-      out = out + w[k].astype(y.dtype) * y
+      if op != 'none':
+        y = branches[k](self, x)
+        out = out + w[k].astype(y.dtype) * y
     return out
 
 
@@ -302,7 +317,9 @@ class SearchCell(nn.Module):
         y = MixedEdge(self.channels, tuple(self.primitives), self.affine,
                       self.track_running_stats, self.bn_axis_name,
                       name=f'edge_{i}_{j}')(
-                          nodes[j], weights[EDGES.index((i, j))], train)
+                          nodes[j], jax.tree.map(
+                              lambda a, e=EDGES.index((i, j)): a[e],
+                              weights), train)
         node = y if node is None else node + y
       nodes.append(node)
     return nodes[-1]
@@ -352,6 +369,8 @@ class SearchNetwork(nn.Module):
     track_running_stats: cell BNs keep running averages for evaluation (True)
       or always use batch statistics (False); see the module docstring.
     bn_axis_name: if set, BatchNorm statistics are averaged over this axis.
+    single_path: take a `jaxnas.edges.SinglePath` sample (GDAS, ROME)
+      instead of mixing weights; the weights' layout is the same.
   """
   C: int = 16
   N: int = 5
@@ -360,6 +379,7 @@ class SearchNetwork(nn.Module):
   affine: bool = False
   track_running_stats: bool = True
   bn_axis_name: Optional[str] = None
+  single_path: bool = False
 
   def edge_ops(self, cell_type: str = 'cell') -> EdgeOps:
     """Per-edge candidate ops of `cell_type` (only 'cell')."""
@@ -387,7 +407,13 @@ class SearchNetwork(nn.Module):
       got = sorted(weights) if isinstance(weights, Mapping) else type(weights)
       raise ValueError(f"missing mixing weights for 'cell'; got {got}")
     shape = self.arch_shapes()['cell']
-    if tuple(weights['cell'].shape) != shape:
+    if self.single_path:
+      w = weights['cell']
+      if not isinstance(w, edges.SinglePath) or w.index.shape != shape[:1]:
+        raise ValueError('a single-path network takes a '
+                         f'jaxnas.edges.SinglePath of {shape[0]} edges; got '
+                         f'{w!r:.200}')
+    elif tuple(weights['cell'].shape) != shape:
       raise ValueError(f'cell mixing weights must have shape {shape} (edges '
                        f'{EDGE_KEYS} x ops {tuple(self.primitives)}), got '
                        f'{tuple(weights["cell"].shape)}')
