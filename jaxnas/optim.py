@@ -82,3 +82,20 @@ def momentum_buffer(opt_state: Any, params: Any) -> Any:
   if buf is None:
     return jax.tree.map(jnp.zeros_like, params)
   return buf
+
+
+def search_optimizers(*, lr: float, lr_min: float, epochs: int,
+                      steps_per_epoch: int, momentum: float,
+                      weight_decay: float, grad_clip: float, nesterov: bool,
+                      arch_lr: float, arch_betas, arch_weight_decay: float):
+  """DARTS' pair of optimizers, shared by the methods built on it.
+
+  Returns (lr schedule, weight SGD with the cosine schedule stepped per
+  epoch, architecture Adam).
+  """
+  schedule = darts_cosine(lr, lr_min, epochs, steps_per_epoch)
+  w_tx = torch_sgd(schedule, momentum=momentum, weight_decay=weight_decay,
+                   clip_norm=grad_clip, nesterov=nesterov)
+  a_tx = torch_adam(arch_lr, b1=arch_betas[0], b2=arch_betas[1],
+                    weight_decay=arch_weight_decay)
+  return schedule, w_tx, a_tx

@@ -217,12 +217,11 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
   if share_backward and order != 'first':
     raise ValueError('share_backward needs order="first": second-order '
                      'hypergradients differentiate at other weights')
-  schedule = optim.darts_cosine(lr, lr_min, epochs, steps_per_epoch)
-  w_tx = optim.torch_sgd(schedule, momentum=momentum,
-                         weight_decay=weight_decay, clip_norm=grad_clip,
-                         nesterov=nesterov)
-  a_tx = optim.torch_adam(arch_lr, b1=arch_betas[0], b2=arch_betas[1],
-                          weight_decay=arch_weight_decay)
+  schedule, w_tx, a_tx = optim.search_optimizers(
+      lr=lr, lr_min=lr_min, epochs=epochs, steps_per_epoch=steps_per_epoch,
+      momentum=momentum, weight_decay=weight_decay, grad_clip=grad_clip,
+      nesterov=nesterov, arch_lr=arch_lr, arch_betas=arch_betas,
+      arch_weight_decay=arch_weight_decay)
   loss_fn = functools.partial(base.classification_loss, net=net,
                               weights_fn=arch_lib.softmax_weights)
   return base.Method(

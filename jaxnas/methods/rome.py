@@ -278,12 +278,11 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
     if k is not None and (not isinstance(k, int) or k < 1):
       raise ValueError(f'{name} must be a positive integer, got {k!r}')
   steps = getattr(net, 'steps', 4)
-  schedule = optim.darts_cosine(lr, lr_min, epochs, steps_per_epoch)
-  w_tx = optim.torch_sgd(schedule, momentum=momentum,
-                         weight_decay=weight_decay, clip_norm=grad_clip,
-                         nesterov=nesterov)
-  a_tx = optim.torch_adam(arch_lr, b1=arch_betas[0], b2=arch_betas[1],
-                          weight_decay=arch_weight_decay)
+  schedule, w_tx, a_tx = optim.search_optimizers(
+      lr=lr, lr_min=lr_min, epochs=epochs, steps_per_epoch=steps_per_epoch,
+      momentum=momentum, weight_decay=weight_decay, grad_clip=grad_clip,
+      nesterov=nesterov, arch_lr=arch_lr, arch_betas=arch_betas,
+      arch_weight_decay=arch_weight_decay)
   sample_fn = functools.partial(arch_lib.sample_single_path, steps=steps,
                                 topology=topology, zero_terms=zero_terms)
   mode_fn = functools.partial(arch_lib.mode_single_path, steps=steps,
