@@ -64,9 +64,15 @@ _WORKDIR = flags.DEFINE_string(
 
 # Methods and the search spaces each one supports.
 METHOD_SPACES = {'darts': ('darts', 'nb201'), 'rome': ('darts', 'nb201'),
-                 'gdas': ('darts', 'nb201')}
+                 'gdas': ('darts', 'nb201'), 'gaea': ('darts', 'nb201')}
 # Methods whose network runs one sampled op per edge (jaxnas.methods.rome).
 SINGLE_PATH = ('rome', 'gdas')
+
+
+def _single_path(config) -> bool:
+  """Whether `config`'s network runs one sampled op per edge."""
+  return config.method in SINGLE_PATH or (
+      config.method == 'gaea' and config.get('host') == 'gdas')
 _POSITIVE_INTS = ('batch_size', 'epochs', 'init_channels', 'layers', 'steps',
                   'multiplier', 'stem_multiplier', 'eval_batch_size',
                   'checkpoint_every_steps', 'keep_checkpoints', 'num_seeds')
@@ -127,6 +133,8 @@ def validate(config) -> None:
                     f"{config.get('train_portion')}")
   if method in SINGLE_PATH:
     problems.extend(_single_path_problems(config))
+  if method == 'gaea':
+    problems.extend(_gaea_problems(config))
   if config.get('order', 'first') not in darts.ORDERS:
     problems.append(f"order must be one of {darts.ORDERS}, got "
                     f"{config.get('order')!r}")
@@ -181,6 +189,74 @@ def _single_path_problems(config) -> list:
   return problems
 
 
+def _gaea_problems(config) -> list:
+  """What is wrong with a GAEA config's own fields."""
+  from jaxnas.methods import gaea  # pylint: disable=g-import-not-at-top
+  problems = []
+  if config.get('host') not in gaea.HOSTS:
+    problems.append(f'host must be one of {gaea.HOSTS}, got '
+                    f"{config.get('host')!r}")
+  if not 0 <= config.get('floor', -1) < 1:
+    problems.append(f"floor must be in [0, 1), got {config.get('floor')}")
+  if config.get('host') == 'gdas' and not (
+      0 < config.get('tau_min', 0) <= config.get('tau_max', 0)):
+    problems.append('need 0 < tau_min <= tau_max, got '
+                    f"{config.get('tau_min')} and {config.get('tau_max')}")
+  if config.get('host') == 'darts' and config.get('warmup_epochs'):
+    problems.append('warmup_epochs applies to host=gdas only')
+  k = config.get('partial_channels', 1)
+  if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    problems.append(f'partial_channels must be a positive integer, got {k!r}')
+  elif k > 1 and (config.get('space') != 'darts' or
+                  config.get('host') != 'darts'):
+    problems.append('partial_channels applies to host=darts on the DARTS '
+                    'space only')
+  elif k > 1 and config.get('init_channels', 0) % (2 * k):
+    problems.append(f'partial_channels={k} needs init_channels divisible by '
+                    f'{2 * k} (C/K channels, even for FactorizedReduce), got '
+                    f"{config.get('init_channels')}")
+  if config.get('learn_edges') and (config.get('space') != 'darts' or
+                                    config.get('host') != 'darts'):
+    problems.append('learn_edges applies to host=darts on the DARTS space '
+                    'only')
+  return problems
+
+
+def search_splits(ds, config):
+  """(weights half, held-out half) of the training split of `ds`.
+
+  Bilevel search takes architecture batches from the held-out half; a
+  single-level (ERM) search takes them from the weights half as well (another
+  random batch each step: GAEA's `search.single_level`), and the held-out
+  half is only evaluated on, never trained on (see `search_batches`).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxnas import data  # pylint: disable=g-import-not-at-top
+  weights_half, arch_half = data.split(ds.train, config.train_portion)
+  only = set(np.unique(weights_half.labels)) ^ set(np.unique(arch_half.labels))
+  if only:
+    raise ConfigError(
+        f'classes {sorted(int(c) for c in only)} appear in only one half of '
+        f'the {config.dataset} training split (split at train_portion='
+        f'{config.train_portion}): the examples are ordered by class, or '
+        'those classes are too rare to reach both halves')
+  return weights_half, arch_half
+
+
+def search_batches(ds, config, seed: int):
+  """The `jaxnas.data.SearchBatches` of `seed`: weights batches from the
+  weights half, architecture batches from the held-out half, or with
+  `config.single_level` from the weights half too."""
+  from jaxnas import data  # pylint: disable=g-import-not-at-top
+  weights_half, arch_half = search_splits(ds, config)
+  augment = (data.Augment(config.crop_padding, config.flip)
+             if config.crop_padding or config.flip else None)
+  return data.SearchBatches(
+      weights_half, weights_half if config.get('single_level') else arch_half,
+      batch_size=config.batch_size, seed=seed, augment=augment,
+      mean=ds.mean, std=ds.std)
+
+
 def build(config, num_classes: int, steps_per_epoch: int):
   """The search network and method of `config`."""
   # Imported here so that `--help` answers without starting JAX.
@@ -188,6 +264,7 @@ def build(config, num_classes: int, steps_per_epoch: int):
   from jaxnas import parallel  # pylint: disable=g-import-not-at-top
   from jaxnas.methods import darts  # pylint: disable=g-import-not-at-top
   from jaxnas.methods import base  # pylint: disable=g-import-not-at-top
+  from jaxnas.methods import gaea  # pylint: disable=g-import-not-at-top
   from jaxnas.methods import rome  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import darts as darts_space  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
@@ -196,7 +273,7 @@ def build(config, num_classes: int, steps_per_epoch: int):
     raise ConfigError(f'unknown method {config.method!r}; known: '
                       f'{sorted(METHOD_SPACES)}')
   bn_axis = parallel.AXIS if config.get('sync_bn', True) else None
-  single_path = config.method in SINGLE_PATH
+  single_path = _single_path(config)
   if config.get('space', 'darts') == 'nb201':
     net = nb201.SearchNetwork(
         C=config.init_channels, N=config.cells_per_stage,
@@ -213,12 +290,26 @@ def build(config, num_classes: int, steps_per_epoch: int):
         stem_multiplier=config.stem_multiplier,
         primitives=tuple(config.get('primitives', ops.DARTS_PRIMITIVES)),
         depthwise_impl=config.depthwise_impl, bn_axis_name=bn_axis,
-        single_path=single_path)
+        single_path=single_path,
+        partial_channels=config.get('partial_channels', 1))
     derive_fn = base.space_derive(net)
     if config.get('derive_top_pairs'):
       derive_fn = functools.partial(
           genotype_lib.derive_top_pairs, primitives=net.primitives,
           steps=net.steps, multiplier=net.multiplier)
+  if config.method == 'gaea':
+    method = gaea.make(
+        net, steps_per_epoch=steps_per_epoch, host=config.host,
+        epochs=config.epochs, schedule_epochs=config.get('schedule_epochs'),
+        lr=config.lr, lr_min=config.lr_min, momentum=config.momentum,
+        weight_decay=config.weight_decay, grad_clip=config.grad_clip,
+        nesterov=config.get('nesterov', False), arch_lr=config.arch_lr,
+        entropy_weight=config.entropy_weight, floor=config.floor,
+        tau_max=config.tau_max, tau_min=config.tau_min,
+        warmup_epochs=config.warmup_epochs, zero_terms=config.zero_terms,
+        learn_edges=config.learn_edges, edge_lr=config.edge_lr,
+        derive_fn=derive_fn)
+    return net, method
   if single_path:
     method = rome.make(
         net, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
@@ -306,6 +397,7 @@ def _epoch_outputs(workdir, epoch, state, genotype, primitives, mixing):
   viz.plot_alpha_trajectories(history, primitives,
                               os.path.join(workdir, 'alpha_trajectories.png'),
                               edge_labels)
+  viz.plot_entropy(history, os.path.join(workdir, 'entropy.png'))
 
 
 class _Seeds:
@@ -403,12 +495,34 @@ def _nb201_text(report):
   return '\n'.join(lines)
 
 
+def _entropies(mixing, states, many: bool) -> dict:
+  """{'entropy_<cell type>': mean mixture entropy per edge} (a list over
+  seeds when `many`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxnas.spaces import viz  # pylint: disable=g-import-not-at-top
+  per_seed = [{f'entropy_{t}': viz.mixture_entropy(w) for t, w in
+               jax.device_get(mixing(st.arch)).items()} for _, st in states]
+  if not many:
+    return per_seed[0]
+  return {k: [e[k] for e in per_seed] for k in per_seed[0]}
+
+
 def _method_summary(config) -> str:
   """The method's main settings, for the start-up line."""
+  level = 'single-level' if config.get('single_level') else 'bilevel'
+  if config.method == 'gaea':
+    out = f'host={config.host}, EG eta={config.arch_lr}, {level}'
+    if config.get('partial_channels', 1) > 1:
+      out += f', partial channels 1/{config.partial_channels}'
+    if config.get('learn_edges'):
+      out += f', edge weights (eta {config.edge_lr})'
+    if config.host == 'gdas':
+      out += f', tau {config.tau_max} -> {config.tau_min}'
+    return out
   if config.method in SINGLE_PATH:
     return (f'K={config.num_samples}, topology={config.topology}, '
-            f'tau {config.tau_max} -> {config.tau_min}')
-  return f'order={config.order}'
+            f'tau {config.tau_max} -> {config.tau_min}, {level}')
+  return f'order={config.order}, {level}'
 
 
 def _all_processes(value: int) -> list:
@@ -479,16 +593,7 @@ def search(config, workdir: str):
     from jaxnas.benchmarks import nb201 as nb201_bench  # pylint: disable=g-import-not-at-top
     table = nb201_bench.Table.load(config.nb201_table)
   ds = data.load(config.dataset, config.data_dir)
-  weights_half, arch_half = data.split(ds.train, config.train_portion)
-  only = set(np.unique(weights_half.labels)) ^ set(np.unique(arch_half.labels))
-  if only:
-    raise ConfigError(
-        f'classes {sorted(int(c) for c in only)} appear in only one half of '
-        f'the {config.dataset} training split (split at train_portion='
-        f'{config.train_portion}): the examples are ordered by class, or '
-        'those classes are too rare to reach both halves')
-  augment = (data.Augment(config.crop_padding, config.flip)
-             if config.crop_padding or config.flip else None)
+  weights_half, arch_half = search_splits(ds, config)
   steps_per_epoch = len(weights_half) // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f'batch_size {config.batch_size} is larger than the '
@@ -509,9 +614,8 @@ def search(config, workdir: str):
     eval_split = eval_split.take(np.arange(
         len(eval_split) // eval_batch_size * eval_batch_size))
   _, method = build(config, ds.num_classes, steps_per_epoch)
-  seeds = _Seeds(config, method, lambda seed: data.SearchBatches(
-      weights_half, arch_half, batch_size=config.batch_size, seed=seed,
-      augment=augment, mean=ds.mean, std=ds.std))
+  seeds = _Seeds(config, method,
+                 lambda seed: search_batches(ds, config, seed))
   primitives = tuple(config.get('primitives', ops.DARTS_PRIMITIVES))
   chief = common.is_chief()
   rank, hosts = jax.process_index(), jax.process_count()
@@ -534,9 +638,13 @@ def search(config, workdir: str):
   if start is None:
     state = par.put_state(seeds.init(sample))
     sums, count = {}, 0
-    msg = (f'{config.method} search on {config.dataset}: '
-           f'{len(weights_half)} weight / {len(arch_half)} architecture '
-           f'examples, {config.epochs} epochs x {steps_per_epoch} steps of '
+    halves = (f'{len(weights_half)} examples for weights and architecture '
+              f'(single-level), {len(arch_half)} held out for evaluation'
+              if config.get('single_level') else
+              f'{len(weights_half)} weight / {len(arch_half)} architecture '
+              'examples')
+    msg = (f'{config.method} search on {config.dataset}: {halves}, '
+           f'{config.epochs} epochs x {steps_per_epoch} steps of '
            f'{config.batch_size}, {config.get("space", "darts")} space, '
            f'C={config.init_channels}, {num_cells} cells, '
            f'{_method_summary(config)}, {par.num_devices} device(s) '
@@ -650,6 +758,8 @@ def search(config, workdir: str):
               'valid_acc': valid_acc}))
           record['epoch'] = epoch
           host_state, genotypes = derive_all()
+          record.update(_entropies(method.mixing, seeds.each(host_state),
+                                   seeds.many))
           if table is not None:  # the ground truth, as AutoDL logs it
             reports = [table.report(g) for _, g in genotypes]
             truth = {f'nb201_{m}': [r[m]['accuracy'] for r in reports]
@@ -674,6 +784,10 @@ def search(config, workdir: str):
                   f"{record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
                   f"valid loss {record['valid_loss']:.4f} acc "
                   f"{record['valid_acc']:.4f}")
+          if not seeds.many:
+            text += ' | entropy ' + ' '.join(
+                f'{k[8:]} {v:.3f}' for k, v in record.items()
+                if k.startswith('entropy_'))
           for seed, g in genotypes:
             text += (f'\n  seed {seed} genotype = {g}' if seeds.many else
                      f'\n  genotype = {g}')

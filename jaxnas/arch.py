@@ -5,16 +5,20 @@ edge, one column per candidate op). A parametrisation is a pair of pure
 functions: `init(key, shapes)` makes the pytree and `weights(arch)` turns it
 into the per-edge mixing weights the search network consumes.
 
-* `softmax`: DARTS logits, initialised 1e-3 * N(0, 1) as the reference code
-  does (the paper says zeros; `scale=0.` gives that).
+* `LOGITS`: DARTS logits, initialised 1e-3 * N(0, 1) as the reference code
+  does (the paper says zeros; `scale=0.` gives that), mixed by softmax.
+* `SIMPLEX`: GAEA's probabilities, initialised uniform and used as they are
+  (updated by `jaxnas.optim.exponentiated_gradient`, which keeps them on the
+  simplex).
 
 Synopsis:
 
   arch = init_logits(key, {'normal': (14, 8), 'reduce': (14, 8)})
   mixing = softmax_weights(arch)     # rows sum to one
+  arch = SIMPLEX.init(key, shapes); SIMPLEX.weights(arch) is arch
 """
 
-from typing import Mapping, Tuple
+from typing import Callable, Mapping, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +44,81 @@ def init_logits(key: jax.Array, shapes: Mapping[str, Tuple[int, int]],
 def softmax_weights(arch: Arch) -> dict:
   """Row-wise softmax over each edge's candidate ops."""
   return {n: jax.nn.softmax(a, axis=-1) for n, a in arch.items()}
+
+
+def init_uniform(key: jax.Array, shapes: Mapping[str, Tuple[int, int]],
+                 scale: float = 0.) -> dict:
+  """Uniform probabilities `1 / K` per row (`key` and `scale` unused)."""
+  del key, scale
+  return {n: jnp.full(s, 1. / s[-1], jnp.float32) for n, s in shapes.items()}
+
+
+class Parametrisation(NamedTuple):
+  """How architecture variables become mixing weights.
+
+  Attributes:
+    name: 'logits', 'simplex' or 'simplex_edges' (messages, configs).
+    init: `(key, shapes, scale) -> arch` for the network's
+      `arch_shapes()`.
+    weights: arch -> what the search network mixes with (per cell type
+      [E, K] rows on the simplex, or `jaxnas.edges.EdgeWeighted`).
+    logits: one op leaf -> scores whose softmax are its weights (what the
+      Gumbel samplers perturb: the logits, or log of probabilities, as
+      GAEA's EGDAS samples from `log(alpha)`).
+    mixing: arch -> per cell type [E, K] op weights (pictures, entropy).
+    derive_weights: arch -> per cell type [E, K] scores the derivation rule
+      reads (PC-DARTS with edge weights: op weight times edge weight).
+  """
+  name: str
+  init: Callable[..., dict]
+  weights: Callable[[Arch], dict]
+  logits: Callable[[jax.Array], jax.Array]
+  mixing: Callable[[Arch], dict]
+  derive_weights: Callable[[Arch], dict]
+
+
+def _log(p: jax.Array) -> jax.Array:
+  return jnp.log(jnp.maximum(p, jnp.finfo(p.dtype).tiny))
+
+
+LOGITS = Parametrisation('logits', init_logits, softmax_weights, lambda a: a,
+                         softmax_weights, softmax_weights)
+SIMPLEX = Parametrisation('simplex', init_uniform, dict, _log, dict, dict)
+
+
+def node_ids(steps: int) -> np.ndarray:
+  """[E]: the node each edge of a DARTS cell with `steps` nodes enters."""
+  return np.concatenate([np.full(k, i) for i, (_, k) in
+                         enumerate(node_segments(steps))])
+
+
+def simplex_with_edges(steps: int) -> Parametrisation:
+  """GAEA PC-DARTS: op probabilities and per-node edge probabilities.
+
+  The arch is {'ops': {cell type: [E, K]}, 'edges': {cell type: [E]}}: ops
+  uniform over K, edges uniform over each node's `2 + i` inputs (the
+  reference's initialisation); the network gets `EdgeWeighted(ops, edges)`
+  and the derivation the product `ops * edges` (its `_parse`).
+  """
+  ids = node_ids(steps)
+  fan_in = np.bincount(ids)[ids].astype(np.float32)
+
+  def init(key, shapes, scale=0.):
+    return {'ops': init_uniform(key, shapes, scale),
+            'edges': {t: jnp.asarray(1. / fan_in) for t in shapes}}
+
+  def weights(arch):
+    return {t: edges.EdgeWeighted(arch['ops'][t], arch['edges'][t])
+            for t in arch['ops']}
+
+  def derive_weights(arch):
+    return {t: arch['ops'][t] * arch['edges'][t][:, None]
+            for t in arch['ops']}
+
+  return Parametrisation('simplex_edges', init, weights, _log,
+                         lambda arch: dict(arch['ops']), derive_weights)
+
+
 
 
 # ---------------------------------------------------------------------------

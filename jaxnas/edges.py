@@ -56,6 +56,30 @@ def mix(terms: Sequence[Term], num_edges: int) -> jax.Array:
   return out
 
 
+class EdgeWeighted(NamedTuple):
+  """Mixing weights with a weight per edge (PC-DARTS' edge normalisation).
+
+  A node sums `edges[e] * edge_e(x)` over its incoming edges, where edge_e
+  mixes its ops by `ops[e]` (GAEA PC-DARTS: both on simplices).
+
+  Attributes:
+    ops: [E, K] op weights.
+    edges: [E] edge weights.
+  """
+  ops: jax.Array
+  edges: jax.Array
+
+
+def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
+  """PC-DARTS' channel shuffle of NHWC `x` (channels as [groups, C/groups],
+  transposed), the same permutation as the reference's NCHW one."""
+  *lead, c = x.shape
+  if c % groups:
+    raise ValueError(f'{c} channels do not split into {groups} groups')
+  x = x.reshape(*lead, groups, c // groups)
+  return jnp.swapaxes(x, -1, -2).reshape(*lead, c)
+
+
 class SinglePath(NamedTuple):
   """One sampled sub-network of a cell type (see `jaxnas.arch`).
 

@@ -19,11 +19,15 @@ import time
 from unittest import mock
 
 from absl.testing import absltest
+import jax
 import numpy as np
 from PIL import Image
 
 from experiments import search
 from experiments.configs import darts as darts_config
+from experiments.configs import gaea as gaea_config
+from experiments.configs import gdas as gdas_config
+from experiments.configs import rome as rome_config
 from jaxnas import checkpoint
 from jaxnas import data
 from jaxnas.spaces import genotype as genotype_lib
@@ -375,6 +379,84 @@ class MultiHostTest(absltest.TestCase):
     self.assertEqual(digest[:16], digests[0])
     self.assertEqual(checkpoint.Checkpointer(
         os.path.join(workdir, 'checkpoints')).all_steps(), [2, 4])
+
+
+class SinglePathSearchTest(absltest.TestCase):
+  """ROME and GDAS through the search entry point (tiny configs, digits)."""
+
+  def run_config(self, config):
+    config.update(dict(progress=False, tensorboard=False, epochs=2,
+                       max_steps_per_epoch=2, max_eval_examples=64,
+                       parallel='jit'))
+    wd = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, wd, True)
+    state, genotype = search.search(config, wd)
+    with open(os.path.join(wd, 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f]
+    with open(os.path.join(wd, 'genotype.json')) as f:
+      self.assertEqual(genotype_lib.Genotype.from_json(f.read()), genotype)
+    taus = [r['tau'] for r in records if 'tau' in r]
+    np.testing.assert_allclose([taus[0], taus[-1]], [10., 0.1], rtol=1e-5)
+    losses = [r['train_loss'] for r in records if 'train_loss' in r]
+    self.assertTrue(np.all(np.isfinite(losses)))
+    return state, genotype
+
+  def test_rome_takes_edges_from_beta_and_ops_from_alpha(self):
+    config = rome_config.get_config('tiny')
+    state, genotype = self.run_config(config)
+    primitives = list(config.primitives)
+    for t in ('normal', 'reduce'):
+      beta = np.asarray(state.arch['edges'][t])
+      alpha = np.asarray(state.arch['ops'][t])
+      expected, start = [], 0
+      for i in range(config.steps):   # node i has edges start..start+i+1
+        ids = range(start, start + 2 + i)
+        expected += [(primitives[int(np.argmax(alpha[e]))], e - start)
+                     for e in sorted(ids, key=lambda e: -beta[e])[:2]]
+        start += 2 + i
+      self.assertEqual([tuple(g) for g in getattr(genotype, t)], expected, t)
+
+  def test_gdas_takes_the_two_strongest_pairs_per_node(self):
+    config = gdas_config.get_config('tiny')
+    state, genotype = self.run_config(config)
+    primitives = list(config.primitives)
+    self.assertEqual(primitives[0], 'none')
+    for t in ('normal', 'reduce'):
+      p = np.asarray(jax.nn.softmax(state.arch['ops'][t], -1))
+      expected, start = [], 0
+      for i in range(config.steps):
+        pairs = [(-p[e, o], e - start, o) for e in range(start, start + 2 + i)
+                 for o in range(1, len(primitives))]   # never 'none'
+        expected += [(primitives[o], j) for _, j, o in sorted(pairs)[:2]]
+        start += 2 + i
+      self.assertEqual(sorted(tuple(g) for g in getattr(genotype, t)),
+                       sorted(expected), t)
+
+
+class GaeaSearchTest(absltest.TestCase):
+  """GAEA PC-DARTS (tiny) through the search entry point."""
+
+  def test_pc_darts_tiny_logs_entropy_and_derives_with_edge_weights(self):
+    config = gaea_config.get_config('tiny')
+    config.update(dict(progress=False, tensorboard=False, epochs=2,
+                       max_steps_per_epoch=2, max_eval_examples=64, steps=2,
+                       multiplier=2, parallel='jit'))
+    wd = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, wd, True)
+    state, genotype = search.search(config, wd)
+    ops, e = state.arch['ops'], state.arch['edges']
+    for t in ('normal', 'reduce'):
+      np.testing.assert_allclose(np.asarray(ops[t]).sum(-1), 1., atol=1e-6)
+      score = np.asarray(ops[t])[:, 1:].max(-1) * np.asarray(e[t])
+      self.assertEqual(sorted(j for _, j in getattr(genotype, t)[2:]),
+                       sorted(np.argsort(-score[2:], kind='stable')[:2]), t)
+    with open(os.path.join(wd, 'metrics.jsonl')) as f:
+      epochs = [json.loads(l) for l in f if 'valid_acc' in json.loads(l)]
+    self.assertLen(epochs, 2)
+    for record in epochs:
+      for t in ('normal', 'reduce'):
+        self.assertBetween(record[f'entropy_{t}'], 0., np.log(8) + 1e-6)
+    _not_blank(self, os.path.join(wd, 'entropy.png'))
 
 
 class NB201SearchTest(absltest.TestCase):

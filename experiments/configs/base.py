@@ -23,6 +23,9 @@ def get_config(variant: str, method: str) -> ml_collections.ConfigDict:
   c.dataset = 'cifar10'
   c.data_dir = ml_collections.config_dict.placeholder(str)
   c.train_portion = 0.5           # weights half / architecture half
+  # True: architecture batches are other random batches of the weights half
+  # (single-level / ERM); the held-out half is only evaluated on.
+  c.single_level = False
   c.crop_padding = 4              # random crop after zero padding
   c.flip = True                   # random horizontal flip
   c.batch_size = 64

@@ -25,20 +25,19 @@ jaxnas uses DARTS' ops and clips the weights only.
 
 import ml_collections
 
-from experiments.configs import base
+from experiments.configs import rome
+from jaxnas import ops
 
 
 def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   """Returns the config of `variant` (see the module docstring)."""
-  c = base.get_config(variant, 'gdas')
+  c = rome.get_config(variant, method='gdas')
+  c.primitives = (ops.DARTS_PRIMITIVES if c.space == 'darts' else
+                  ops.NB201_PRIMITIVES)   # 'none' is a candidate
   c.topology = 'none'
   c.num_samples = 1
-  c.weight_samples = ml_collections.config_dict.placeholder(int)
-  c.weight_reduce = 'sum'
-  c.tau_max = 10.
-  c.tau_min = 0.1
+  c.lr = 0.025
   c.zero_terms = c.space == 'nb201'
-  c.per_device_samples = False
   c.weights_first = True
   c.derive_top_pairs = c.space == 'darts'
   c.nesterov = True
@@ -48,9 +47,4 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   if variant == 'cifar10':
     c.batch_size = 256
     c.layers = 6
-  if variant == 'tiny':
-    c.layers = 2
-    c.steps = 2
-    c.multiplier = 2
-    c.max_steps_per_epoch = 4
   return c

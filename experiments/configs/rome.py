@@ -10,7 +10,7 @@ Variants (`--config experiments/configs/rome.py:VARIANT`):
   (gradients averaged) and K=7 others for the weights (summed, Eq. 12),
   topology v2 (Gumbel-Top2), SGD lr 0.05, Adam 3e-4. Batch 64 (the paper's
   memory table; its search batch is not stated).
-* `tiny`: a smoke test: 2 cells of 4 channels, 2 nodes per cell, K=2,
+* `tiny`: a smoke test: 3 cells of 4 channels, 2 nodes per cell, K=2,
   2 epochs of 4 steps on digits (`--config.dataset=folder:...` for CIFAR-10).
 * `nb201`: NAS-Bench-201 (not in the paper): every edge present, so only the
   op sampler and the accumulation apply (topology 'none'); C=16, N=5.
@@ -28,9 +28,13 @@ from experiments.configs import base
 from jaxnas import ops
 
 
-def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
-  """Returns the config of `variant` (see the module docstring)."""
-  c = base.get_config(variant, 'rome')
+def get_config(variant: str = 'tiny',
+               method: str = 'rome') -> ml_collections.ConfigDict:
+  """Returns the config of `variant` (see the module docstring).
+
+  `method='gdas'` gives the fields GDAS' config (gdas.py) starts from.
+  """
+  c = base.get_config(variant, method)
   if c.space == 'darts':
     c.primitives = ops.DARTS_PRIMITIVES[1:]   # the paper removes 'none'
   c.topology = 'v2'               # 'v2' per-edge | 'v1' per-pair | 'none'
@@ -45,10 +49,12 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.zero_terms = False            # GDAS' NB-201 zero-valued op terms
   c.per_device_samples = False    # True: other samples on each device
   c.weights_first = False         # Alg. 1: architecture update first
+  c.derive_top_pairs = False      # GDAS' NASNet genotype rule
   if c.space == 'nb201':
     c.topology = 'none'           # NB-201's cell topology is fixed
   if variant == 'tiny':
-    c.layers = 2
+    # 3 cells (one normal), 2 nodes per cell: a switch per edge and op
+    # compiles slower than DARTS' stacked mixture.
     c.steps = 2
     c.multiplier = 2
     c.num_samples = 2

@@ -161,23 +161,26 @@ def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
 
 
 def init(key: jax.Array, sample_images: jax.Array, *, net: nn.Module, w_tx,
-         a_tx, init_scale: float = arch_lib.DARTS_INIT_SCALE
+         a_tx, init_scale: float = arch_lib.DARTS_INIT_SCALE,
+         arch_param: arch_lib.Parametrisation = arch_lib.LOGITS
          ) -> base.SearchState:
-  """Initial state: weights, alphas 1e-3 * N(0, 1), fresh optimizer states."""
+  """Initial state: weights, alphas (DARTS: 1e-3 * N(0, 1)), fresh optimizer
+  states."""
   k_params, k_arch, k_state = jax.random.split(key, 3)
-  arch = arch_lib.init_logits(k_arch, net.arch_shapes(), init_scale)
+  arch = arch_param.init(k_arch, net.arch_shapes(), init_scale)
   params, batch_stats = base.init_variables(
-      net, k_params, sample_images, arch_lib.softmax_weights(arch))
+      net, k_params, sample_images, arch_param.weights(arch))
   return base.SearchState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
       arch=arch, w_opt_state=w_tx.init(params), a_opt_state=a_tx.init(arch),
       key=k_state)
 
 
-def derive(state: base.SearchState, *, derive_fn: base.DeriveFn):
-  """The genotype of the current alphas: `derive_fn` of their softmax."""
-  return derive_fn(jax.tree.map(np.asarray,
-                                arch_lib.softmax_weights(state.arch)))
+def derive(state: base.SearchState, *, derive_fn: base.DeriveFn,
+           weights_fn=arch_lib.softmax_weights):
+  """The genotype of the current alphas: `derive_fn` of their mixing
+  weights (DARTS: their softmax)."""
+  return derive_fn(jax.tree.map(np.asarray, weights_fn(state.arch)))
 
 
 def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
@@ -188,6 +191,9 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
          arch_init_scale: float = arch_lib.DARTS_INIT_SCALE,
          fd_r: float = hypergrad.DARTS_FD_R,
          share_backward: bool = False, nesterov: bool = False,
+         schedule_epochs: Optional[int] = None, schedule_offset: int = 1,
+         arch_param: arch_lib.Parametrisation = arch_lib.LOGITS,
+         a_tx: Optional[optax.GradientTransformation] = None,
          derive_fn: Optional[base.DeriveFn] = None) -> base.Method:
   """DARTS with the reference's optimizers; defaults are the paper's search.
 
@@ -206,6 +212,12 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
       (12x on XLA:CPU; see BENCHMARKS.md).
     nesterov: Nesterov momentum in the weight SGD (AutoDL-Projects' DARTS on
       NAS-Bench-201); the second-order virtual step stays plain momentum.
+    schedule_epochs, schedule_offset: see `optim.search_optimizers`.
+    arch_param: how the architecture variables mix the ops
+      (`arch_lib.LOGITS`: softmax of logits; `arch_lib.SIMPLEX`: the
+      probabilities themselves, GAEA).
+    a_tx: the architecture optimizer instead of Adam (GAEA: exponentiated
+      gradient); `arch_lr`, `arch_betas`, `arch_weight_decay` are then unused.
     derive_fn: mixing weights -> genotype; default the space's own rule
       (`base.space_derive(net)`).
 
@@ -221,12 +233,14 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
       lr=lr, lr_min=lr_min, epochs=epochs, steps_per_epoch=steps_per_epoch,
       momentum=momentum, weight_decay=weight_decay, grad_clip=grad_clip,
       nesterov=nesterov, arch_lr=arch_lr, arch_betas=arch_betas,
-      arch_weight_decay=arch_weight_decay)
+      arch_weight_decay=arch_weight_decay, schedule_epochs=schedule_epochs,
+      schedule_offset=schedule_offset, a_tx=a_tx)
   loss_fn = functools.partial(base.classification_loss, net=net,
-                              weights_fn=arch_lib.softmax_weights)
+                              weights_fn=arch_param.weights)
   return base.Method(
       init=functools.partial(init, net=net, w_tx=w_tx, a_tx=a_tx,
-                             init_scale=arch_init_scale),
+                             init_scale=arch_init_scale,
+                             arch_param=arch_param),
       step=functools.partial(
           shared_first_order_step, loss_fn=loss_fn, w_tx=w_tx, a_tx=a_tx,
           lr_schedule=schedule) if share_backward else
@@ -235,6 +249,8 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
           lr_schedule=schedule, momentum=momentum, weight_decay=weight_decay,
           fd_r=fd_r),
       eval_step=functools.partial(base.eval_step, net=net,
-                                  weights_fn=arch_lib.softmax_weights),
+                                  weights_fn=arch_param.weights),
       derive=functools.partial(
-          derive, derive_fn=derive_fn or base.space_derive(net)))
+          derive, derive_fn=derive_fn or base.space_derive(net),
+          weights_fn=arch_param.derive_weights),
+      mixing=arch_param.mixing)

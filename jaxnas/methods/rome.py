@@ -54,15 +54,19 @@ SampleFn = Callable[..., dict]
 
 
 def linear_tau(tau_max: float, tau_min: float, epochs: int,
-               steps_per_epoch: int) -> optax.Schedule:
+               steps_per_epoch: int, warmup_epochs: int = 0
+               ) -> optax.Schedule:
   """GDAS' temperature: linear in the epoch from `tau_max` to `tau_min`.
 
-  `tau = tau_max - (tau_max - tau_min) * epoch / (epochs - 1)`, constant
-  within an epoch; a traced function of the step (no recompilation).
+  `tau = tau_max - (tau_max - tau_min) * max(epoch - warmup, 0) /
+  (epochs - 1)`, constant within an epoch (GAEA's EGDAS holds tau_max over
+  `warmup_epochs` and keeps the divisor, so it ends above tau_min); a traced
+  function of the step (no recompilation).
   """
   def schedule(step):
     epoch = jnp.minimum(step // steps_per_epoch, epochs - 1)
-    return tau_max - (tau_max - tau_min) * epoch / max(epochs - 1, 1)
+    done = jnp.maximum(epoch - warmup_epochs, 0)
+    return tau_max - (tau_max - tau_min) * done / max(epochs - 1, 1)
   return schedule
 
 
@@ -183,10 +187,13 @@ def search_step(state: base.SearchState, batch, *, net: nn.Module,
 
 
 def init(key: jax.Array, sample_images: jax.Array, *, net: nn.Module, w_tx,
-         a_tx, topology: str, init_scale: float) -> base.SearchState:
-  """Weights; op logits and topology logits `init_scale * N(0, 1)`."""
+         a_tx, topology: str, init_scale: float,
+         arch_param: arch_lib.Parametrisation = arch_lib.LOGITS
+         ) -> base.SearchState:
+  """Weights; op variables by `arch_param` (logits `init_scale * N(0, 1)`)
+  and topology logits `init_scale * N(0, 1)`."""
   k_params, k_ops, k_edges, k_state = jax.random.split(key, 4)
-  arch = {'ops': arch_lib.init_logits(k_ops, net.arch_shapes(), init_scale)}
+  arch = {'ops': arch_param.init(k_ops, net.arch_shapes(), init_scale)}
   if topology != 'none':
     shape = arch_lib.topology_shape(net.steps, topology)
     arch['edges'] = arch_lib.init_logits(
@@ -201,17 +208,19 @@ def init(key: jax.Array, sample_images: jax.Array, *, net: nn.Module, w_tx,
       key=k_state)
 
 
-def mixing(arch) -> dict:
+def mixing(arch, arch_param: arch_lib.Parametrisation = arch_lib.LOGITS
+           ) -> dict:
   """Per cell type, [E, K] op probabilities (for pictures and logs)."""
-  return arch_lib.softmax_weights(arch['ops'])
+  return arch_param.mixing(arch['ops'])
 
 
 def derive(state: base.SearchState, *, derive_fn: base.DeriveFn,
-           steps: int, topology: str):
+           steps: int, topology: str,
+           arch_param: arch_lib.Parametrisation = arch_lib.LOGITS):
   """The genotype: ops by their probabilities; with a topology, each node's
   two edges by the topology's (not by the ops', as DARTS)."""
   arch = jax.tree.map(np.asarray, jax.device_get(state.arch))
-  weights = jax.tree.map(np.asarray, mixing(arch))
+  weights = jax.tree.map(np.asarray, mixing(arch, arch_param))
   if topology == 'none':
     return derive_fn(weights)
   edge_scores = {t: np.asarray(arch_lib.edge_probabilities(
@@ -229,7 +238,10 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
          arch_init_scale: float = arch_lib.DARTS_INIT_SCALE,
          tau_max: float = TAU_MAX, tau_min: float = TAU_MIN,
          zero_terms: bool = False, per_device_samples: bool = False,
-         weights_first: bool = False,
+         weights_first: bool = False, warmup_epochs: int = 0,
+         schedule_epochs: Optional[int] = None, schedule_offset: int = 1,
+         arch_param: arch_lib.Parametrisation = arch_lib.LOGITS,
+         a_tx: Optional[optax.GradientTransformation] = None,
          derive_fn: Optional[base.DeriveFn] = None) -> base.Method:
   """ROME (defaults: the paper's CIFAR search) or, with topology='none' and
   num_samples=1, GDAS.
@@ -253,6 +265,13 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
     tau_max, tau_min: the linear temperature schedule (`linear_tau`).
     zero_terms: see `jaxnas.arch.sample_single_path` (GDAS on NB-201).
     per_device_samples, weights_first: see `search_step`.
+    warmup_epochs: tau stays at `tau_max` this long (see `linear_tau`); the
+      architecture optimizer should then hold still too (GAEA's EGDAS: an
+      `a_tx` whose rate is 0 in those epochs).
+    schedule_epochs, schedule_offset: see `optim.search_optimizers`.
+    arch_param: how the op variables become probabilities (logits, or
+      GAEA's simplex points, sampled from their log).
+    a_tx: the architecture optimizer instead of Adam.
     derive_fn: weights (and `edge_scores=`) -> genotype; default the space's
       rule (`base.space_derive`).
 
@@ -282,17 +301,25 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
       lr=lr, lr_min=lr_min, epochs=epochs, steps_per_epoch=steps_per_epoch,
       momentum=momentum, weight_decay=weight_decay, grad_clip=grad_clip,
       nesterov=nesterov, arch_lr=arch_lr, arch_betas=arch_betas,
-      arch_weight_decay=arch_weight_decay)
-  sample_fn = functools.partial(arch_lib.sample_single_path, steps=steps,
-                                topology=topology, zero_terms=zero_terms)
+      arch_weight_decay=arch_weight_decay, schedule_epochs=schedule_epochs,
+      schedule_offset=schedule_offset, a_tx=a_tx)
+
+  def sample_fn(key, arch, tau):
+    arch = {**arch, 'ops': jax.tree.map(arch_param.logits, arch['ops'])}
+    return arch_lib.sample_single_path(key, arch, tau, steps=steps,
+                                       topology=topology,
+                                       zero_terms=zero_terms)
+
   mode_fn = functools.partial(arch_lib.mode_single_path, steps=steps,
                               topology=topology)
   return base.Method(
       init=functools.partial(init, net=net, w_tx=w_tx, a_tx=a_tx,
-                             topology=topology, init_scale=arch_init_scale),
+                             topology=topology, init_scale=arch_init_scale,
+                             arch_param=arch_param),
       step=functools.partial(
           search_step, net=net, sample_fn=sample_fn, w_tx=w_tx, a_tx=a_tx,
-          tau_fn=linear_tau(tau_max, tau_min, epochs, steps_per_epoch),
+          tau_fn=linear_tau(tau_max, tau_min, epochs, steps_per_epoch,
+                            warmup_epochs),
           lr_schedule=schedule, arch_samples=num_samples,
           weight_samples=weight_samples or num_samples,
           weight_reduce=weight_reduce,
@@ -302,5 +329,5 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
                                   weights_fn=mode_fn),
       derive=functools.partial(
           derive, derive_fn=derive_fn or base.space_derive(net), steps=steps,
-          topology=topology),
-      mixing=mixing)
+          topology=topology, arch_param=arch_param),
+      mixing=functools.partial(mixing, arch_param=arch_param))

@@ -212,6 +212,7 @@ class SearchCell(nn.Module):
   depthwise_impl: str = 'auto'
   bn_axis_name: Optional[str] = None
   single_path: bool = False
+  partial_channels: int = 1
 
   @nn.compact
   def __call__(self, s0: jax.Array, s1: jax.Array, weights: jax.Array,
@@ -241,6 +242,13 @@ class SearchCell(nn.Module):
         states.append(node)
       return jnp.concatenate(states[-self.multiplier:], axis=-1)
     outputs = {}  # edge id -> mixture output
+    edge_w = None
+    if isinstance(weights, edges.EdgeWeighted):
+      weights, edge_w = weights.ops, weights.edges
+    k = self.partial_channels
+    if c % k:
+      raise ValueError(f'partial_channels={k} does not divide the {c} '
+                       'channels of a cell')
 
     def run_group(sources, name):
       # Edges leaving `sources` (state indices) towards every later node.
@@ -248,12 +256,21 @@ class SearchCell(nn.Module):
                  for i in range(self.steps) for j in sources
                  if (i, j) in index]
       stride = 2 if self.reduction and sources[0] < 2 else 1
-      y = SourceGroup(c, stride, tuple(members), self.edge_ops,
+      x = jnp.stack([states[j] for j in sources])
+      y = SourceGroup(c // k, stride, tuple(members), self.edge_ops,
                       self.depthwise_impl, bn_axis, name=name)(
-                          jnp.stack([states[j] for j in sources]), weights,
-                          train)
+                          x[..., :c // k], weights, train)
+      if k > 1:  # PC-DARTS: the other channels bypass the ops
+        rest = x[..., c // k:]
+        if stride == 2:
+          s_, b_ = rest.shape[:2]
+          rest = nn.max_pool(rest.reshape((s_ * b_,) + rest.shape[2:]),
+                             (2, 2), strides=(2, 2))
+          rest = rest.reshape((s_, b_) + rest.shape[1:])
+        rest = rest[np.array([p for _, p in members])]
+        y = edges.channel_shuffle(jnp.concatenate([y, rest], -1), k)
       for m, (e, _) in enumerate(members):
-        outputs[e] = y[m]
+        outputs[e] = y[m] if edge_w is None else edge_w[e] * y[m]
 
     run_group([0, 1], 'inputs')
     for i in range(self.steps):
@@ -284,6 +301,10 @@ class SearchNetwork(nn.Module):
     bn_axis_name: if set, BatchNorm statistics are averaged over this axis.
     single_path: take `jaxnas.edges.SinglePath` samples instead of mixing
       weights (see the module docstring).
+    partial_channels: PC-DARTS' K: each edge's ops see the first C/K
+      channels; the others bypass them (max-pooled 2x2 on stride-2 edges)
+      and the two parts are concatenated and channel-shuffled (K groups).
+      Mixing weights may then also be `jaxnas.edges.EdgeWeighted`.
   """
   C: int = 16
   num_classes: int = 10
@@ -297,6 +318,7 @@ class SearchNetwork(nn.Module):
   depthwise_impl: str = 'auto'
   bn_axis_name: Optional[str] = None
   single_path: bool = False
+  partial_channels: int = 1
 
   def edge_ops(self, cell_type: str) -> EdgeOps:
     """Per-edge candidate ops of `cell_type` ('normal' or 'reduce')."""
@@ -339,9 +361,16 @@ class SearchNetwork(nn.Module):
           raise ValueError(
               f'a single-path network takes a jaxnas.edges.SinglePath with '
               f'{shape[0]} edges per cell type; got {w!r:.200}')
-      elif tuple(weights[t].shape) != shape:
-        raise ValueError(f'{t} mixing weights must have shape {shape}, got '
-                         f'{tuple(weights[t].shape)}')
+      else:
+        w = weights[t]
+        if isinstance(w, edges.EdgeWeighted):
+          if tuple(w.edges.shape) != shape[:1]:
+            raise ValueError(f'{t} edge weights must have shape '
+                             f'{shape[:1]}, got {tuple(w.edges.shape)}')
+          w = w.ops
+        if tuple(w.shape) != shape:
+          raise ValueError(f'{t} mixing weights must have shape {shape}, '
+                           f'got {tuple(w.shape)}')
 
   @nn.compact
   def __call__(self, x: jax.Array, weights: Mapping[str, jax.Array],
@@ -362,7 +391,8 @@ class SearchNetwork(nn.Module):
       cell = SearchCell(c_curr, reduction, reduction_prev,
                         self.edge_ops(cell_type), self.steps, self.multiplier,
                         self.depthwise_impl, self.bn_axis_name,
-                        self.single_path, name=f'cell{i}')
+                        self.single_path, self.partial_channels,
+                        name=f'cell{i}')
       s0, s1 = s1, cell(s0, s1, weights[cell_type], train)
       reduction_prev = reduction
     out = jnp.mean(s1, axis=(1, 2))

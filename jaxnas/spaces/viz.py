@@ -235,3 +235,46 @@ def plot_alpha_trajectories(
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def mixture_entropy(weights: np.ndarray) -> float:
+  """Mean over edges of the entropy (nats) of each edge's op weights.
+
+  log(K) for uniform rows of K ops, 0 for one-hot rows (0 log 0 = 0).
+  """
+  w = np.asarray(weights, np.float64)
+  terms = np.where(w > 0, -w * np.log(np.where(w > 0, w, 1.)), 0.)
+  return float(np.mean(np.sum(terms, axis=-1)))
+
+
+def plot_entropy(history: Sequence[Mapping[str, np.ndarray]],
+                 path: str) -> str:
+  """Draws each cell type's mean mixture entropy (`mixture_entropy`) over
+  the epochs of a search, with the uniform mixture's log K for reference.
+
+  Args:
+    history: one entry per epoch, each {cell type: [edges, ops] weights}.
+    path: the PNG to write.
+
+  Returns:
+    `path`.
+  """
+  if not history:
+    raise ValueError('history is empty: nothing to plot')
+  fig, ax = plt.subplots(figsize=(5, 3.2), layout='constrained')
+  epochs = np.arange(len(history))
+  marker = 'o' if len(history) < 3 else None
+  for cell in history[0]:
+    ax.plot(epochs, [mixture_entropy(h[cell]) for h in history],
+            marker=marker, label=f'{cell} cell')
+  k = np.asarray(history[0][next(iter(history[0]))]).shape[-1]
+  ax.axhline(np.log(k), color='grey', ls='--', lw=1,
+             label=f'uniform (log {k})')
+  ax.set_xlabel('epoch')
+  ax.set_ylabel('mean entropy per edge (nats)')
+  ax.set_ylim(bottom=0)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -15,22 +15,13 @@ from jaxnas import optim
 from jaxnas.methods import base
 from jaxnas.methods import darts
 from jaxnas.spaces import darts as darts_space
+from tests.methods import helpers
 
 # Two nodes per cell (5 edges) keep XLA's compile time small on a CPU.
 NET = darts_space.SearchNetwork(C=4, num_classes=10, layers=3, steps=2,
                                 multiplier=2)
 B, H = 8, 8
-
-
-def _batch(seed):
-  rng = np.random.default_rng(seed)
-  return {'image': jnp.asarray(rng.normal(size=(B, H, H, 1)), jnp.float32),
-          'label': jnp.asarray(rng.integers(0, 10, B), jnp.int32)}
-
-
-def _changed(a, b):
-  return any(not np.array_equal(x, y)
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+_batch = functools.partial(helpers.random_batch, n=B, size=H)
 
 
 class DartsStepTest(absltest.TestCase):
@@ -57,8 +48,8 @@ class DartsStepTest(absltest.TestCase):
     state = self.state
     for _ in range(3):
       new, metrics = step(state, self.batch)
-      self.assertTrue(_changed(new.params, state.params))
-      self.assertTrue(_changed(new.arch, state.arch))
+      self.assertTrue(helpers.changed(new.params, state.params))
+      self.assertTrue(helpers.changed(new.arch, state.arch))
       chex.assert_tree_all_finite(metrics)
       state = new
     self.assertEqual(int(state.step), 3)
@@ -93,14 +84,14 @@ class DartsStepTest(absltest.TestCase):
                                           a_tx=a_tx))
     after_arch, _ = arch_step(self.state, self.batch['train'],
                               self.batch['val'])
-    self.assertTrue(_changed(after_arch.arch, self.state.arch))
+    self.assertTrue(helpers.changed(after_arch.arch, self.state.arch))
     chex.assert_trees_all_equal(after_arch.params, self.state.params)
     chex.assert_trees_all_equal(after_arch.w_opt_state,
                                 self.state.w_opt_state)
     weight_step = jax.jit(functools.partial(base.weight_step, loss_fn=loss_fn,
                                             w_tx=w_tx))
     after_w, _ = weight_step(self.state, self.batch['train'])
-    self.assertTrue(_changed(after_w.params, self.state.params))
+    self.assertTrue(helpers.changed(after_w.params, self.state.params))
     chex.assert_trees_all_equal(after_w.arch, self.state.arch)
     chex.assert_trees_all_equal(after_w.a_opt_state, self.state.a_opt_state)
 

@@ -17,6 +17,7 @@ from jaxnas import parallel
 from jaxnas.methods import rome
 from jaxnas.spaces import darts as darts_space
 from jaxnas.spaces import nb201
+from tests.methods import helpers
 
 # Two nodes per cell (5 edges), 3 cells (normal, reduce, reduce): XLA compiles every op of every edge
 # (a switch's branches), so the net stays as small as the test allows.
@@ -24,17 +25,7 @@ NET = darts_space.SearchNetwork(
     C=4, num_classes=10, layers=3, steps=2, multiplier=2,
     primitives=ops.DARTS_PRIMITIVES[1:], single_path=True)
 B, H = 8, 8
-
-
-def _batch(seed, n=B):
-  rng = np.random.default_rng(seed)
-  return {'image': jnp.asarray(rng.normal(size=(n, H, H, 1)), jnp.float32),
-          'label': jnp.asarray(rng.integers(0, 10, n), jnp.int32)}
-
-
-def _changed(a, b):
-  return any(not np.array_equal(x, y)
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+_batch = functools.partial(helpers.random_batch, n=B, size=H)
 
 
 class SinglePathNetworkTest(absltest.TestCase):
@@ -165,8 +156,8 @@ class RomeStepTest(absltest.TestCase):
     state1 = self.state
     for _ in range(2):
       new1, m1 = one(state1, self.batch)
-      self.assertTrue(_changed(new1.params, state1.params))
-      self.assertTrue(_changed(new1.arch, state1.arch))
+      self.assertTrue(helpers.changed(new1.params, state1.params))
+      self.assertTrue(helpers.changed(new1.arch, state1.arch))
       state1 = new1
     self.assertEqual(int(state1.step), 2)
     self.assertAlmostEqual(float(m1['tau']), 10.)  # epoch 0 of 2

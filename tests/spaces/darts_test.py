@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnas import arch as arch_lib
+from jaxnas import edges
 from jaxnas.methods import base
 from jaxnas.spaces import darts
 
@@ -65,6 +66,56 @@ class DartsSpaceTest(absltest.TestCase):
     skip = {t: jax.nn.one_hot(jnp.full((14,), 3), 8) for t in w}
     other = apply(skip)
     self.assertGreater(float(jnp.abs(other - logits).max()), 1e-4)
+
+  def test_channel_shuffle_is_the_nchw_reference_permutation(self):
+    x = np.arange(2 * 3 * 3 * 8, dtype=np.float32).reshape(2, 3, 3, 8)
+    # PC-DARTS: view(B, g, C/g, H, W).transpose(1, 2).view(B, C, H, W).
+    nchw = x.transpose(0, 3, 1, 2)
+    want = nchw.reshape(2, 4, 2, 3, 3).transpose(0, 2, 1, 3, 4).reshape(
+        2, 8, 3, 3).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(edges.channel_shuffle(jnp.asarray(x), 4),
+                                  want)
+    with self.assertRaisesRegex(ValueError, 'groups'):
+      edges.channel_shuffle(jnp.ones((1, 6)), 4)
+
+  def test_partial_channels_bypass_and_edge_weights(self):
+    # Every op weight on 'none': each edge's ops give zeros, so an edge
+    # outputs shuffle([0 on C/K channels, its input's other channels]) and a
+    # node the edge-weighted sum of those.
+    c, k, b = 8, 4, 2
+    beta = jnp.asarray([0.3, 0.7, 0.2, 0.5, 0.3])
+    ops_w = jax.nn.one_hot(jnp.zeros(5, jnp.int32), 8)
+    w = edges.EdgeWeighted(ops_w, beta)
+    rng = np.random.default_rng(0)
+    for reduction in (False, True):
+      cell = darts.SearchCell(
+          c, reduction, False,
+          darts.uniform_edge_ops(darts.ops.DARTS_PRIMITIVES, 2), steps=2,
+          multiplier=2, partial_channels=k)
+      s0, s1 = (jnp.asarray(rng.normal(size=(b, 8, 8, 12)), jnp.float32)
+                for _ in range(2))
+      variables = cell.init(jax.random.key(0), s0, s1, w, False)
+      out, inter = cell.apply(variables, s0, s1, w, False,
+                              capture_intermediates=True,
+                              mutable=['intermediates'])
+      inter = inter['intermediates']
+      p0 = inter['preprocess0']['__call__'][0]
+      p1 = inter['preprocess1']['__call__'][0]
+
+      def edge(x, stride):
+        rest = x[..., c // k:]
+        if stride == 2:
+          rest = jax.lax.reduce_window(rest, -jnp.inf, jax.lax.max,
+                                       (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
+        zeros = jnp.zeros(rest.shape[:-1] + (c // k,))
+        return edges.channel_shuffle(jnp.concatenate([zeros, rest], -1), k)
+
+      st = 2 if reduction else 1
+      n0 = beta[0] * edge(p0, st) + beta[1] * edge(p1, st)
+      n1 = (beta[2] * edge(p0, st) + beta[3] * edge(p1, st) +
+            beta[4] * edge(n0, 1))
+      np.testing.assert_allclose(out, jnp.concatenate([n0, n1], -1),
+                                 rtol=1e-6, atol=1e-6)
 
   def test_rejects_bad_weights(self):
     net = darts.SearchNetwork(C=4, num_classes=5, layers=3)

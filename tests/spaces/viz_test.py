@@ -80,6 +80,20 @@ class VizTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'empty'):
       viz.plot_alpha_trajectories([], PRIMITIVES, 'x.png')
 
+  def test_mixture_entropy_exact_values_and_plot(self):
+    self.assertAlmostEqual(viz.mixture_entropy(np.full((14, 8), 1 / 8)),
+                           np.log(8), places=12)
+    self.assertEqual(viz.mixture_entropy(np.eye(4)), 0.)
+    half = np.array([[0.5, 0.5, 0.], [1., 0., 0.]])  # log 2 and 0: mean
+    self.assertAlmostEqual(viz.mixture_entropy(half), np.log(2) / 2,
+                           places=12)
+    rng = np.random.default_rng(2)
+    history = [_softmax_weights(rng) for _ in range(4)]
+    self.assert_not_blank(viz.plot_entropy(
+        history, os.path.join(self.dir, 'entropy.png')))
+    with self.assertRaisesRegex(ValueError, 'empty'):
+      viz.plot_entropy([], 'x.png')
+
   def test_genotype_pictures_are_not_blank(self):
     g = genotype_lib.Genotype.from_string(DARTS_V2)
     for path in viz.plot_genotype(g, os.path.join(self.dir, 'g_')):
