@@ -64,7 +64,8 @@ _WORKDIR = flags.DEFINE_string(
 
 # Methods and the search spaces each one supports.
 METHOD_SPACES = {'darts': ('darts', 'nb201'), 'rome': ('darts', 'nb201'),
-                 'gdas': ('darts', 'nb201'), 'gaea': ('darts', 'nb201')}
+                 'gdas': ('darts', 'nb201'), 'gaea': ('darts', 'nb201'),
+                 'dropnas': ('darts', 'nb201')}
 # Methods whose network runs one sampled op per edge (jaxnas.methods.rome).
 SINGLE_PATH = ('rome', 'gdas')
 
@@ -128,13 +129,19 @@ def validate(config) -> None:
   msp = config.get('max_steps_per_epoch')
   if msp is not None and msp <= 0:
     problems.append(f'max_steps_per_epoch must be positive or None, got {msp}')
-  if not 0 < config.get('train_portion', 0.5) < 1:
-    problems.append('train_portion must be in (0, 1), got '
-                    f"{config.get('train_portion')}")
+  portion = config.get('train_portion', 0.5)
+  if not 0 < portion <= 1:
+    problems.append(f'train_portion must be in (0, 1], got {portion}')
+  elif portion == 1 and not config.get('single_level'):
+    problems.append('train_portion=1 leaves no held-out half for bilevel '
+                    'architecture steps: set --config.single_level=True or '
+                    'train_portion < 1')
   if method in SINGLE_PATH:
     problems.extend(_single_path_problems(config))
   if method == 'gaea':
     problems.extend(_gaea_problems(config))
+  if method == 'dropnas':
+    problems.extend(_dropnas_problems(config))
   if config.get('order', 'first') not in darts.ORDERS:
     problems.append(f"order must be one of {darts.ORDERS}, got "
                     f"{config.get('order')!r}")
@@ -222,6 +229,28 @@ def _gaea_problems(config) -> list:
   return problems
 
 
+def _dropnas_problems(config) -> list:
+  """What is wrong with a DropNAS config's own fields."""
+  from jaxnas import ops  # pylint: disable=g-import-not-at-top
+  problems = []
+  r = config.get('drop_rate')
+  if not isinstance(r, (int, float)) or not 0 < r < 1:
+    problems.append(f'drop_rate must be in (0, 1), got {r!r}')
+  w = config.get('warmup_epochs')
+  if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+    problems.append(f'warmup_epochs must be a non-negative integer, got {w!r}')
+  prims = tuple(config.get('primitives', ()))
+  if all(p in ops.PARAMETRIC_OPS for p in prims) or not any(
+      p in ops.PARAMETRIC_OPS for p in prims):
+    problems.append('DropNAS drops ops in two groups, so primitives needs '
+                    f'parametric ops ({", ".join(ops.PARAMETRIC_OPS)}) and '
+                    f'parameter-free ones, got {prims}')
+  if not config.get('single_level'):
+    problems.append('DropNAS is one-level (weights and alphas on the same '
+                    'batch): set --config.single_level=True')
+  return problems
+
+
 def search_splits(ds, config):
   """(weights half, held-out half) of the training split of `ds`.
 
@@ -229,9 +258,19 @@ def search_splits(ds, config):
   single-level (ERM) search takes them from the weights half as well (another
   random batch each step: GAEA's `search.single_level`), and the held-out
   half is only evaluated on, never trained on (see `search_batches`).
+  With `train_portion=1` (DropNAS' one-level search on the whole training
+  set) the whole training split is the first part and the test split the
+  second, evaluated on for monitoring only.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxnas import data  # pylint: disable=g-import-not-at-top
+  if config.train_portion == 1:
+    if ds.test is None:
+      raise ConfigError(
+          f'train_portion=1 trains on all of {config.dataset}\'s training '
+          'split and evaluates on its test split, which it does not have; '
+          'set --config.train_portion < 1')
+    return ds.train, ds.test
   weights_half, arch_half = data.split(ds.train, config.train_portion)
   only = set(np.unique(weights_half.labels)) ^ set(np.unique(arch_half.labels))
   if only:
@@ -264,6 +303,7 @@ def build(config, num_classes: int, steps_per_epoch: int):
   from jaxnas import parallel  # pylint: disable=g-import-not-at-top
   from jaxnas.methods import darts  # pylint: disable=g-import-not-at-top
   from jaxnas.methods import base  # pylint: disable=g-import-not-at-top
+  from jaxnas.methods import dropnas  # pylint: disable=g-import-not-at-top
   from jaxnas.methods import gaea  # pylint: disable=g-import-not-at-top
   from jaxnas.methods import rome  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import darts as darts_space  # pylint: disable=g-import-not-at-top
@@ -309,6 +349,16 @@ def build(config, num_classes: int, steps_per_epoch: int):
         warmup_epochs=config.warmup_epochs, zero_terms=config.zero_terms,
         learn_edges=config.learn_edges, edge_lr=config.edge_lr,
         derive_fn=derive_fn)
+    return net, method
+  if config.method == 'dropnas':
+    method = dropnas.make(
+        net, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+        lr=config.lr, lr_min=config.lr_min, momentum=config.momentum,
+        weight_decay=config.weight_decay, grad_clip=config.grad_clip,
+        arch_lr=config.arch_lr, arch_betas=(config.arch_b1, config.arch_b2),
+        arch_decay=config.arch_weight_decay, drop_rate=config.drop_rate,
+        warmup_epochs=config.warmup_epochs,
+        arch_init_scale=config.arch_init_scale, derive_fn=derive_fn)
     return net, method
   if single_path:
     method = rome.make(
@@ -360,6 +410,7 @@ def _epoch_outputs(workdir, epoch, state, genotype, primitives, mixing):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from jaxnas import ops  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import viz  # pylint: disable=g-import-not-at-top
   for sub in ('genotypes', 'alphas'):
     os.makedirs(os.path.join(workdir, sub), exist_ok=True)
@@ -389,15 +440,26 @@ def _epoch_outputs(workdir, epoch, state, genotype, primitives, mixing):
   # Only ops offered on every edge can share columns; both spaces' are.
   viz.plot_alpha_heatmap(weights, edge_labels, primitives,
                          os.path.join(workdir, 'alpha_heatmap.png'))
-  history = []
+  # DropNAS' groups: parametric ops vs the rest, drawn on the raw alphas.
+  conv = np.array([p in ops.PARAMETRIC_OPS for p in primitives])
+  raw = conv.any() and not conv.all() and all(
+      f'alpha_{t}' in arrays and arrays[f'alpha_{t}'].shape[-1] == len(
+          primitives) for t in weights)
+  history, alpha_history = [], []
   for e in range(epoch + 1):
     with np.load(os.path.join(workdir, 'alphas', f'epoch_{e:03d}.npz'),
                  allow_pickle=False) as f:
       history.append({t: f[f'weights_{t}'] for t in weights})
+      if raw:
+        alpha_history.append({t: f[f'alpha_{t}'] for t in weights})
   viz.plot_alpha_trajectories(history, primitives,
                               os.path.join(workdir, 'alpha_trajectories.png'),
                               edge_labels)
   viz.plot_entropy(history, os.path.join(workdir, 'entropy.png'))
+  if raw:
+    groups = {'parametric': conv, 'parameter-free': ~conv}
+    viz.plot_group_means(alpha_history, groups,
+                         os.path.join(workdir, 'group_alphas.png'))
 
 
 class _Seeds:
@@ -519,6 +581,9 @@ def _method_summary(config) -> str:
     if config.host == 'gdas':
       out += f', tau {config.tau_max} -> {config.tau_min}'
     return out
+  if config.method == 'dropnas':
+    return (f'drop rate r={config.drop_rate:g}, partial decay, '
+            f'{"one-level" if config.single_level else level}')
   if config.method in SINGLE_PATH:
     return (f'K={config.num_samples}, topology={config.topology}, '
             f'tau {config.tau_max} -> {config.tau_min}, {level}')
@@ -638,8 +703,10 @@ def search(config, workdir: str):
   if start is None:
     state = par.put_state(seeds.init(sample))
     sums, count = {}, 0
-    halves = (f'{len(weights_half)} examples for weights and architecture '
-              f'(single-level), {len(arch_half)} held out for evaluation'
+    held_out = ('test examples for evaluation' if config.train_portion == 1
+                else 'held out for evaluation')
+    halves = (f'{len(weights_half)} examples for weights and architecture, '
+              f'{len(arch_half)} {held_out}'
               if config.get('single_level') else
               f'{len(weights_half)} weight / {len(arch_half)} architecture '
               'examples')

@@ -58,9 +58,10 @@ NB201_PRIMITIVES = (
 )
 
 POOL_OPS = ('max_pool_3x3', 'avg_pool_3x3')
-# Ops with trainable weights (the "parametric" group of DropNAS).
+# Ops with trainable weights (the "parametric" group of DropNAS), in both
+# spaces.
 PARAMETRIC_OPS = ('sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3',
-                  'dil_conv_5x5')
+                  'dil_conv_5x5', 'nor_conv_1x1', 'nor_conv_3x3')
 
 # PyTorch's default initialisation for conv and linear kernels.
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in',

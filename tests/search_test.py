@@ -25,6 +25,7 @@ from PIL import Image
 
 from experiments import search
 from experiments.configs import darts as darts_config
+from experiments.configs import dropnas as dropnas_config
 from experiments.configs import gaea as gaea_config
 from experiments.configs import gdas as gdas_config
 from experiments.configs import rome as rome_config
@@ -457,6 +458,47 @@ class GaeaSearchTest(absltest.TestCase):
       for t in ('normal', 'reduce'):
         self.assertBetween(record[f'entropy_{t}'], 0., np.log(8) + 1e-6)
     _not_blank(self, os.path.join(wd, 'entropy.png'))
+
+
+class DropNASSearchTest(absltest.TestCase):
+  """DropNAS (NB-201 tiny) through the search entry point."""
+
+  def test_one_level_on_all_training_data_derives_on_raw_alphas(self):
+    from jaxnas.spaces import nb201  # pylint: disable=g-import-not-at-top
+    config = dropnas_config.get_config('nb201_tiny')
+    config.update(dict(progress=False, tensorboard=False, parallel='jit',
+                       max_eval_examples=64))
+    ds = data.load(config.dataset)
+    train, held_out = search.search_splits(ds, config)
+    self.assertIs(train, ds.train)      # no split: evaluation on the test set
+    self.assertIs(held_out, ds.test)
+    wd = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, wd, True)
+    state, arch = search.search(config, wd)
+    # genotypes.parse: per-edge argmax of the raw alphas, 'none' ignored.
+    alpha = np.asarray(state.arch['cell'])
+    none = nb201.NB201_PRIMITIVES.index('none')
+    self.assertEqual(arch, nb201.derive(
+        {'cell': np.where(np.arange(5) == none, -np.inf, alpha)}, exclude=()))
+    with open(os.path.join(wd, 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f]
+    kept = [r['kept_ops'] for r in records if 'kept_ops' in r]
+    self.assertNotEmpty(kept)
+    self.assertTrue(all(0. < k <= 1. for k in kept))
+    self.assertLess(min(kept), 1.)   # r = 0.01: ops were dropped
+    _not_blank(self, os.path.join(wd, 'group_alphas.png'))
+
+  def test_config_errors(self):
+    config = dropnas_config.get_config('nb201_tiny')
+    config.single_level = False
+    with self.assertRaisesRegex(search.ConfigError, 'single_level=True'):
+      search.validate(config)
+    config = dropnas_config.get_config('nb201_tiny')
+    config.primitives = ('skip_connect', 'avg_pool_3x3')
+    config.drop_rate = 1.
+    with self.assertRaisesRegex(search.ConfigError,
+                                '(?s)drop_rate.*parametric ops'):
+      search.validate(config)
 
 
 class NB201SearchTest(absltest.TestCase):

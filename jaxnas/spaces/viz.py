@@ -278,3 +278,49 @@ def plot_entropy(history: Sequence[Mapping[str, np.ndarray]],
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def group_means(weights: np.ndarray, members: np.ndarray) -> float:
+  """Mean of `weights` [edges, ops] over the ops where `members` [ops]."""
+  return float(np.mean(np.asarray(weights)[..., np.asarray(members, bool)]))
+
+
+def plot_group_means(history: Sequence[Mapping[str, np.ndarray]],
+                     groups: Mapping[str, Sequence[bool]], path: str,
+                     ylabel: str = 'mean alpha') -> str:
+  """Draws, per cell type, each op group's mean value over the epochs.
+
+  DropNAS' picture of the Matthew effect: with `history` the raw alphas and
+  `groups` {'parametric': [K] bool, 'parameter-free': [K] bool}.
+
+  Args:
+    history: one entry per epoch, each {cell type: [edges, ops] array}.
+    groups: {label: [ops] membership}; each group needs at least one op.
+    path: the PNG to write.
+    ylabel: what the arrays are.
+
+  Returns:
+    `path`.
+  """
+  if not history:
+    raise ValueError('history is empty: nothing to plot')
+  for label, members in groups.items():
+    if not np.any(members):
+      raise ValueError(f'group {label!r} has no ops')
+  cells = list(history[0])
+  fig, axes = plt.subplots(1, len(cells), figsize=(4.5 * len(cells), 3.2),
+                           layout='constrained', squeeze=False)
+  epochs = np.arange(len(history))
+  marker = 'o' if len(history) < 3 else None
+  for ax, cell in zip(axes[0], cells):
+    for label, members in groups.items():
+      ax.plot(epochs, [group_means(h[cell], members) for h in history],
+              marker=marker, label=label)
+    ax.set_title(f'{cell} cell')
+    ax.set_xlabel('epoch')
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -94,6 +94,19 @@ class VizTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'empty'):
       viz.plot_entropy([], 'x.png')
 
+  def test_group_means_exact_values_and_plot(self):
+    w = np.array([[1., 2., 3., 4.], [5., 6., 7., 8.]])
+    conv = np.array([True, False, False, True])
+    self.assertEqual(viz.group_means(w, conv), (1 + 4 + 5 + 8) / 4)
+    self.assertEqual(viz.group_means(w, ~conv), (2 + 3 + 6 + 7) / 4)
+    rng = np.random.default_rng(3)
+    history = [_softmax_weights(rng) for _ in range(3)]
+    groups = {'parametric': np.arange(8) >= 4, 'free': np.arange(8) < 4}
+    self.assert_not_blank(viz.plot_group_means(
+        history, groups, os.path.join(self.dir, 'groups.png')))
+    with self.assertRaisesRegex(ValueError, 'no ops'):
+      viz.plot_group_means(history, {'x': np.zeros(8, bool)}, 'x.png')
+
   def test_genotype_pictures_are_not_blank(self):
     g = genotype_lib.Genotype.from_string(DARTS_V2)
     for path in viz.plot_genotype(g, os.path.join(self.dir, 'g_')):
