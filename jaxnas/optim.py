@@ -73,10 +73,14 @@ def torch_sgd(learning_rate: optax.ScalarOrSchedule, *, momentum: float,
 
 
 def torch_adam(learning_rate: optax.ScalarOrSchedule, *, b1: float, b2: float,
-               weight_decay: float = 0.,
-               eps: float = 1e-8) -> optax.GradientTransformation:
-  """torch.optim.Adam with L2 weight decay added to the gradient."""
+               weight_decay: float = 0., eps: float = 1e-8,
+               clip_norm: Optional[float] = None
+               ) -> optax.GradientTransformation:
+  """torch.optim.Adam with L2 weight decay added to the gradient, after an
+  optional clip_grad_norm_ (P-DARTS clips the alphas' gradient)."""
   parts = []
+  if clip_norm is not None and clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(clip_norm))
   if weight_decay:
     parts.append(optax.add_decayed_weights(weight_decay))
   parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
@@ -97,12 +101,14 @@ def search_optimizers(*, lr: float, lr_min: float, epochs: int,
                       weight_decay: float, grad_clip: float, nesterov: bool,
                       arch_lr: float, arch_betas, arch_weight_decay: float,
                       schedule_epochs: Optional[int] = None,
-                      schedule_offset: int = 1, a_tx=None):
+                      schedule_offset: int = 1, a_tx=None,
+                      arch_grad_clip: Optional[float] = None):
   """DARTS' pair of optimizers, shared by the methods built on it.
 
   `schedule_epochs` (default `epochs`) is the cosine's length (GAEA runs 25
   epochs of a 50-epoch cosine); `schedule_offset` see `darts_cosine`; `a_tx`
-  replaces the architecture Adam.
+  replaces the architecture Adam; `arch_grad_clip` clips the architecture
+  gradient's global norm first (P-DARTS: 5).
 
   Returns (lr schedule, weight SGD with the cosine schedule stepped per
   epoch, architecture optimizer).
@@ -113,7 +119,7 @@ def search_optimizers(*, lr: float, lr_min: float, epochs: int,
                    clip_norm=grad_clip, nesterov=nesterov)
   if a_tx is None:
     a_tx = torch_adam(arch_lr, b1=arch_betas[0], b2=arch_betas[1],
-                      weight_decay=arch_weight_decay)
+                      weight_decay=arch_weight_decay, clip_norm=arch_grad_clip)
   return schedule, w_tx, a_tx
 
 

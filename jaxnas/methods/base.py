@@ -81,10 +81,13 @@ def classification_loss(params: PyTree, arch: PyTree, batch_stats: PyTree,
 
   Returns `(loss, (new_batch_stats, logits))`, the form `jaxnas.hypergrad`
   expects. `weights_fn` maps the architecture pytree to mixing weights.
+  Optional batch entries: 'net_kwargs', more keyword arguments of the
+  network (P-DARTS' `skip_dropout` rate), and 'rngs', its PRNG keys.
   """
   logits, updates = net.apply(
       {'params': params, 'batch_stats': batch_stats}, batch['image'],
-      weights_fn(arch), train=True, mutable=['batch_stats'])
+      weights_fn(arch), train=True, mutable=['batch_stats'],
+      rngs=batch.get('rngs'), **batch.get('net_kwargs', {}))
   loss = optax.softmax_cross_entropy_with_integer_labels(
       logits, batch['label']).mean()
   return loss, (updates['batch_stats'], logits)

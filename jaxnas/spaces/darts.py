@@ -102,9 +102,13 @@ class SourceGroup(nn.Module):
   bn_axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, sources: jax.Array, weights: jax.Array,
-               train: bool) -> jax.Array:
+  def __call__(self, sources: jax.Array, weights: jax.Array, train: bool,
+               skip_dropout: Optional[jax.Array] = None) -> jax.Array:
     """sources: [S, B, H, W, C]; weights: the cell's (E, K) mixing weights.
+
+    `skip_dropout` (P-DARTS): the rate of element-wise (inverted) dropout
+    after every stride-1 skip-connect in training, each edge with its own
+    mask from the 'dropout' rng. Traced, so changing it does not recompile.
 
     Returns [len(edges), B, H', W', C], one mixture per member edge.
     """
@@ -131,6 +135,9 @@ class SourceGroup(nn.Module):
         used = sorted({int(src_pos[m]) for m in rows})
         y = self._shared(name, sources[np.array(used)], train)
         y = y[np.array([used.index(int(src_pos[m])) for m in rows])]
+        if (name == 'skip_connect' and skip_dropout is not None and train
+            and self.stride == 1):
+          y = dropout(y, skip_dropout, self.make_rng('dropout'))
       terms.append((rows, w, y))
     return edges.mix(terms, len(edge_ids))
 
@@ -144,6 +151,14 @@ class SourceGroup(nn.Module):
     y = y.reshape((s, b) + y.shape[1:])
     return stacked_ops.stacked_batch_norm(train, self.bn_axis_name,
                                           name=f'{name}_bn')(y)
+
+
+def dropout(x: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:
+  """Inverted dropout at a traced `rate` in [0, 1): kept entries scaled by
+  1 / (1 - rate), as torch's `nn.Dropout`."""
+  rate = jnp.asarray(rate, x.dtype)
+  keep = jax.random.uniform(key, x.shape) >= rate
+  return jnp.where(keep, x / (1 - rate), jnp.zeros((), x.dtype))
 
 
 class PoolBN(nn.Module):
@@ -216,7 +231,8 @@ class SearchCell(nn.Module):
 
   @nn.compact
   def __call__(self, s0: jax.Array, s1: jax.Array, weights: jax.Array,
-               train: bool) -> jax.Array:
+               train: bool, skip_dropout: Optional[jax.Array] = None
+               ) -> jax.Array:
     c, bn_axis = self.channels, self.bn_axis_name
     if self.reduction_prev:
       s0 = ops.FactorizedReduce(c, affine=False, bn_axis_name=bn_axis,
@@ -259,7 +275,7 @@ class SearchCell(nn.Module):
       x = jnp.stack([states[j] for j in sources])
       y = SourceGroup(c // k, stride, tuple(members), self.edge_ops,
                       self.depthwise_impl, bn_axis, name=name)(
-                          x[..., :c // k], weights, train)
+                          x[..., :c // k], weights, train, skip_dropout)
       if k > 1:  # PC-DARTS: the other channels bypass the ops
         rest = x[..., c // k:]
         if stride == 2:
@@ -374,8 +390,16 @@ class SearchNetwork(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, weights: Mapping[str, jax.Array],
-               train: bool) -> jax.Array:
+               train: bool, skip_dropout: Optional[jax.Array] = None
+               ) -> jax.Array:
+    """Logits of images `x` [B, H, W, C] under the cells' mixing `weights`.
+
+    `skip_dropout`: P-DARTS' dropout rate after stride-1 skip-connects in
+    training (a traced scalar; needs a 'dropout' rng); None: no dropout.
+    """
     self._validate(x, weights)
+    if skip_dropout is not None and self.single_path:
+      raise ValueError('skip_dropout applies to mixture networks only')
     c_curr = self.stem_multiplier * self.C
     s = ops.Conv(c_curr, 3, padding=1, name='stem_conv')(x)
     s = ops.batch_norm(train, True, self.bn_axis_name, name='stem_bn')(s)
@@ -393,7 +417,7 @@ class SearchNetwork(nn.Module):
                         self.depthwise_impl, self.bn_axis_name,
                         self.single_path, self.partial_channels,
                         name=f'cell{i}')
-      s0, s1 = s1, cell(s0, s1, weights[cell_type], train)
+      s0, s1 = s1, cell(s0, s1, weights[cell_type], train, skip_dropout)
       reduction_prev = reduction
     out = jnp.mean(s1, axis=(1, 2))
     return nn.Dense(
