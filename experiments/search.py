@@ -65,7 +65,7 @@ _WORKDIR = flags.DEFINE_string(
 # Methods and the search spaces each one supports.
 METHOD_SPACES = {'darts': ('darts', 'nb201'), 'rome': ('darts', 'nb201'),
                  'gdas': ('darts', 'nb201'), 'gaea': ('darts', 'nb201'),
-                 'dropnas': ('darts', 'nb201')}
+                 'dropnas': ('darts', 'nb201'), 'pdarts': ('darts',)}
 # Methods whose network runs one sampled op per edge (jaxnas.methods.rome).
 SINGLE_PATH = ('rome', 'gdas')
 
@@ -142,6 +142,8 @@ def validate(config) -> None:
     problems.extend(_gaea_problems(config))
   if method == 'dropnas':
     problems.extend(_dropnas_problems(config))
+  if method == 'pdarts':
+    problems.extend(_pdarts_problems(config))
   if config.get('order', 'first') not in darts.ORDERS:
     problems.append(f"order must be one of {darts.ORDERS}, got "
                     f"{config.get('order')!r}")
@@ -251,6 +253,39 @@ def _dropnas_problems(config) -> list:
   return problems
 
 
+def _pdarts_problems(config) -> list:
+  """What is wrong with a P-DARTS config's own fields."""
+  problems = []
+  keep = tuple(config.get('num_to_keep', ()))
+  k = len(config.get('primitives', ()))
+  if not keep or any(not isinstance(n, int) or n < 1 for n in keep) or list(
+      keep) != sorted(keep, reverse=True) or len(set(keep)) != len(keep) or (
+          keep[0] >= k):
+    problems.append(f'num_to_keep must decrease strictly from below the {k} '
+                    f'primitives to at least 1, got {keep}')
+  for name in ('add_layers', 'dropout_rates'):
+    if len(tuple(config.get(name, ()))) != len(keep):
+      problems.append(f'{name} needs one value per stage ({len(keep)}), got '
+                      f'{tuple(config.get(name, ()))}')
+  if any(not 0 <= r < 1 for r in config.get('dropout_rates', ())):
+    problems.append('dropout_rates must be in [0, 1), got '
+                    f"{tuple(config.get('dropout_rates'))}")
+  w = config.get('warmup_epochs')
+  if not isinstance(w, int) or not 0 <= w <= config.get('epochs', 0):
+    problems.append(f'warmup_epochs must be in [0, epochs], got {w!r}')
+  if not isinstance(config.get('max_skips'), int) or config.max_skips < 0:
+    problems.append('max_skips must be a non-negative integer, got '
+                    f"{config.get('max_skips')!r}")
+  if config.get('num_seeds', 1) > 1:
+    problems.append('P-DARTS runs one seed per search (num_seeds=1)')
+  if config.get('single_level'):
+    problems.append('P-DARTS is bilevel: set --config.single_level=False')
+  if 'skip_connect' not in config.get('primitives', ()):
+    problems.append("P-DARTS caps skip-connects: primitives needs "
+                    "'skip_connect'")
+  return problems
+
+
 def search_splits(ds, config):
   """(weights half, held-out half) of the training split of `ds`.
 
@@ -305,10 +340,12 @@ def build(config, num_classes: int, steps_per_epoch: int):
   from jaxnas.methods import base  # pylint: disable=g-import-not-at-top
   from jaxnas.methods import dropnas  # pylint: disable=g-import-not-at-top
   from jaxnas.methods import gaea  # pylint: disable=g-import-not-at-top
+  from jaxnas.methods import pdarts  # pylint: disable=g-import-not-at-top
   from jaxnas.methods import rome  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import darts as darts_space  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import nb201  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   if config.method not in METHOD_SPACES:
     raise ConfigError(f'unknown method {config.method!r}; known: '
                       f'{sorted(METHOD_SPACES)}')
@@ -324,11 +361,19 @@ def build(config, num_classes: int, steps_per_epoch: int):
     derive_fn = base.space_derive(
         net, exclude=('none',) if config.get('exclude_none') else ())
   else:
+    primitives = tuple(config.get('primitives', ops.DARTS_PRIMITIVES))
+    switches = None
+    if config.get('switches_normal') is not None:  # a P-DARTS stage
+      switches = {t: np.array(config[f'switches_{t}'], bool)
+                  for t in ('normal', 'reduce')}
     net = darts_space.SearchNetwork(
         C=config.init_channels, num_classes=num_classes, layers=config.layers,
         steps=config.steps, multiplier=config.multiplier,
-        stem_multiplier=config.stem_multiplier,
-        primitives=tuple(config.get('primitives', ops.DARTS_PRIMITIVES)),
+        stem_multiplier=config.stem_multiplier, primitives=primitives,
+        normal_ops=switches and pdarts.edge_ops(switches['normal'],
+                                                primitives),
+        reduce_ops=switches and pdarts.edge_ops(switches['reduce'],
+                                                primitives),
         depthwise_impl=config.depthwise_impl, bn_axis_name=bn_axis,
         single_path=single_path,
         partial_channels=config.get('partial_channels', 1))
@@ -348,6 +393,19 @@ def build(config, num_classes: int, steps_per_epoch: int):
         tau_max=config.tau_max, tau_min=config.tau_min,
         warmup_epochs=config.warmup_epochs, zero_terms=config.zero_terms,
         learn_edges=config.learn_edges, edge_lr=config.edge_lr,
+        derive_fn=derive_fn)
+    return net, method
+  if config.method == 'pdarts':
+    method = pdarts.make(
+        net, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+        initial_dropout=config.get('skip_dropout') or 0.,
+        warmup_epochs=config.warmup_epochs, decay=config.dropout_decay,
+        lr=config.lr, lr_min=config.lr_min, momentum=config.momentum,
+        weight_decay=config.weight_decay, grad_clip=config.grad_clip,
+        arch_lr=config.arch_lr, arch_betas=(config.arch_b1, config.arch_b2),
+        arch_weight_decay=config.arch_weight_decay,
+        arch_grad_clip=config.arch_grad_clip,
+        arch_init_scale=config.arch_init_scale, switches=switches,
         derive_fn=derive_fn)
     return net, method
   if config.method == 'dropnas':
@@ -581,6 +639,10 @@ def _method_summary(config) -> str:
     if config.host == 'gdas':
       out += f', tau {config.tau_max} -> {config.tau_min}'
     return out
+  if config.method == 'pdarts':
+    return (f'stage {config.stage} of {len(config.num_to_keep)}, skip '
+            f'dropout {config.skip_dropout:g}, {config.warmup_epochs} warm-up '
+            'epochs, first order')
   if config.method == 'dropnas':
     return (f'drop rate r={config.drop_rate:g}, partial decay, '
             f'{"one-level" if config.single_level else level}')
@@ -623,6 +685,8 @@ def search(config, workdir: str):
     common.Interrupted: SIGTERM / SIGINT, after saving a checkpoint.
   """
   validate(config)
+  if config.method == 'pdarts' and config.get('stage') is None:
+    return search_stages(config, workdir)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxnas import checkpoint  # pylint: disable=g-import-not-at-top
@@ -908,6 +972,97 @@ def search(config, workdir: str):
   if not seeds.many:
     return host_state, genotypes[0][1]
   return host_state, [g for _, g in genotypes]
+
+
+def stage_config(config, stage: int, switches):
+  """The config of P-DARTS stage `stage` over `switches` ({'normal',
+  'reduce'}: [edges, primitives] bool)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.stage = stage
+  c.layers = config.layers + config.add_layers[stage]
+  c.skip_dropout = float(config.dropout_rates[stage])
+  c.switches_normal = switches['normal'].tolist()
+  c.switches_reduce = switches['reduce'].tolist()
+  c.distributed = False   # initialised once, by search_stages
+  return c
+
+
+def search_stages(config, workdir: str):
+  """Runs (or resumes) all stages of a P-DARTS search in `workdir`.
+
+  Stage s searches in `workdir/stage_<s>` (a complete search workdir: a
+  killed stage resumes from its checkpoint; a finished one is only
+  restored), then prunes. The switches after every stage go to
+  `workdir/switches.json` and `switches.png`; the final genotype with at
+  most `max_skips` skip-connects to `genotype.json` / `genotype.txt`, and the
+  genotype for every cap to `genotypes_by_max_skips.json`.
+
+  Returns:
+    (the last stage's final SearchState on the host, the final Genotype).
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxnas import arch as arch_lib  # pylint: disable=g-import-not-at-top
+  from jaxnas import parallel  # pylint: disable=g-import-not-at-top
+  from jaxnas.methods import pdarts  # pylint: disable=g-import-not-at-top
+  from jaxnas.spaces import darts as darts_space  # pylint: disable=g-import-not-at-top
+  from jaxnas.spaces import viz  # pylint: disable=g-import-not-at-top
+  if config.get('distributed', False):
+    parallel.initialize_distributed(config.get('coordinator_address'),
+                                    config.get('num_processes'),
+                                    config.get('process_id'))
+  primitives = tuple(config.primitives)
+  shape = (darts_space.num_edges(config.steps), len(primitives))
+  switches = {t: np.ones(shape, bool) for t in darts_space.CELL_TYPES}
+  stages = len(config.num_to_keep)
+  record = []
+  chief = common.is_chief()
+  for s in range(stages):
+    if chief:
+      cells = config.layers + config.add_layers[s]
+      print(f'P-DARTS stage {s + 1} of {stages}: {cells} cells, '
+            f"{int(switches['normal'][0].sum())} ops per edge", flush=True)
+    state, _ = search(stage_config(config, s, switches),
+                      os.path.join(workdir, f'stage_{s}'))
+    probs = {t: np.asarray(w) for t, w in arch_lib.softmax_weights(
+        state.arch).items()}
+    before = switches
+    n_on = int(before['normal'][0].sum())
+    switches = {t: pdarts.prune(probs[t], before[t],
+                                n_on - config.num_to_keep[s], primitives,
+                                drop_none=s == stages - 1)
+                for t in darts_space.CELL_TYPES}
+    record.append({t: pdarts.edge_ops(switches[t], primitives)
+                   for t in darts_space.CELL_TYPES})
+  genotype, capped = pdarts.derive_final(probs, before, switches, primitives,
+                                         steps=config.steps)
+  final = capped[min(config.max_skips, max(capped))]
+  if chief:
+    common.atomic_write(os.path.join(workdir, 'switches.json'),
+                        json.dumps(record, indent=1))
+    viz.plot_switches([{t: np.array([[p in e for p in primitives]
+                                      for e in r[t]]) for t in r}
+                       for r in record], primitives,
+                      os.path.join(workdir, 'switches.png'))
+    common.atomic_write(
+        os.path.join(workdir, 'genotypes_by_max_skips.json'),
+        json.dumps({'unrestricted': genotype.to_dict(),
+                    **{str(m): g.to_dict() for m, g in capped.items()}},
+                   indent=1))
+    common.atomic_write(os.path.join(workdir, 'genotype.json'),
+                        final.to_json())
+    common.atomic_write(os.path.join(workdir, 'genotype.txt'),
+                        str(final) + '\n')
+    viz.plot_genotype(final, os.path.join(workdir, ''))
+    n_skips = sum(op == 'skip_connect' for op, _ in genotype.normal)
+    print(f'no restriction ({n_skips} skip-connects in the normal cell): '
+          f'{genotype}', flush=True)
+    for m in sorted(capped, reverse=True):
+      if m < n_skips:  # the reference logs the caps that change something
+        print(f'at most {m} skip-connects: {capped[m]}', flush=True)
+    print(f'final genotype (M={config.max_skips}) written to '
+          f'{workdir}/genotype.json:\n{final}', flush=True)
+  return state, final
 
 
 def main(argv):

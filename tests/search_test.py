@@ -5,7 +5,9 @@ The runs are real subprocesses of `python -m experiments.search` sharing one
 persistent compilation cache, so only the first one compiles.
 """
 
+import contextlib
 import glob
+import io
 import json
 import os
 import shutil
@@ -23,11 +25,13 @@ import jax
 import numpy as np
 from PIL import Image
 
+from experiments import common
 from experiments import search
 from experiments.configs import darts as darts_config
 from experiments.configs import dropnas as dropnas_config
 from experiments.configs import gaea as gaea_config
 from experiments.configs import gdas as gdas_config
+from experiments.configs import pdarts as pdarts_config
 from experiments.configs import rome as rome_config
 from jaxnas import checkpoint
 from jaxnas import data
@@ -499,6 +503,75 @@ class DropNASSearchTest(absltest.TestCase):
     with self.assertRaisesRegex(search.ConfigError,
                                 '(?s)drop_rate.*parametric ops'):
       search.validate(config)
+
+
+class PDartsSearchTest(absltest.TestCase):
+  """P-DARTS' stages through the search entry point: two stages over 3 ops
+  (3 -> 2 -> 1 per edge) keep the compile time down."""
+
+  def test_killed_in_stage_two_resumes_there_with_the_same_switches(self):
+    config = pdarts_config.get_config('tiny')
+    config.update(dict(
+        progress=False, tensorboard=False, parallel='jit',
+        max_eval_examples=64, num_to_keep=(2, 1), add_layers=(0, 1),
+        dropout_rates=(0.1, 0.4),
+        primitives=('none', 'skip_connect', 'sep_conv_3x3')))
+    wd = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, wd, True)
+    stage1 = os.path.join(wd, 'stage_1')
+
+    class KillInStageTwo(common.StopSignals):
+      """SIGTERM once stage 2 (index 1) has saved its first checkpoint."""
+
+      @property
+      def received(self):
+        return signal.SIGTERM if glob.glob(
+            os.path.join(stage1, 'checkpoints', '*')) else None
+
+      @received.setter
+      def received(self, value):
+        del value
+
+    with mock.patch.object(common, 'StopSignals', KillInStageTwo):
+      with self.assertRaises(common.Interrupted):
+        search.search(config, wd)
+    self.assertEqual(checkpoint.Checkpointer(
+        os.path.join(stage1, 'checkpoints')).latest_step(), 4)
+    self.assertFalse(os.path.exists(os.path.join(wd, 'genotype.json')))
+    with open(os.path.join(stage1, 'config.json')) as f:
+      killed = json.load(f)
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      _, genotype = search.search(config, wd)
+    self.assertIn(f'resuming {stage1} from step 4 of 8', out.getvalue())
+    with open(os.path.join(stage1, 'config.json')) as f:
+      resumed = json.load(f)
+    for t in ('normal', 'reduce'):
+      self.assertEqual(resumed[f'switches_{t}'], killed[f'switches_{t}'])
+    # Stage s: its cell count, alphas over the ops left, switches after it.
+    with open(os.path.join(wd, 'switches.json')) as f:
+      after = json.load(f)
+    for s, (cells, ops_on) in enumerate([(3, 3), (4, 2)]):
+      with open(os.path.join(wd, f'stage_{s}', 'config.json')) as f:
+        self.assertEqual(json.load(f)['layers'], cells)
+      with np.load(os.path.join(wd, f'stage_{s}', 'alphas.npz')) as f:
+        self.assertEqual(f['alpha_normal'].shape, (5, ops_on))
+        self.assertEqual(f['alpha_reduce'].shape, (5, ops_on))
+      for t in ('normal', 'reduce'):
+        self.assertEqual({len(e) for e in after[s][t]},
+                         {config.num_to_keep[s]})
+        if s == 1:   # 'none' is forced out at the last pruning
+          self.assertNotIn(['none'], after[s][t])
+    with open(os.path.join(wd, 'genotypes_by_max_skips.json')) as f:
+      capped = json.load(f)
+    self.assertEqual(sorted(capped), ['0', '1', '2', '3', '4', '5', '6', '7',
+                                      '8', 'unrestricted'])
+    self.assertEqual(genotype.to_dict(), capped['2'])
+    skips = [sum(op == 'skip_connect' for op, _ in capped[str(m)]['normal'])
+             for m in range(9)]
+    self.assertEqual(skips, sorted(skips))   # never more under a lower cap
+    _not_blank(self, os.path.join(wd, 'switches.png'))
 
 
 class NB201SearchTest(absltest.TestCase):

@@ -85,6 +85,19 @@ def edge_ops(switches: np.ndarray, primitives: Sequence[str]
                for row in switches)
 
 
+def full_weights(weights: Mapping[str, jax.Array],
+                 switches: Mapping[str, np.ndarray]) -> Dict[str, jax.Array]:
+  """[edges, ops on] weights spread over all ops (0 where switched off), so
+  every stage's mixtures are drawn and logged over the same columns."""
+  out = {}
+  for t, w in weights.items():
+    sw = np.asarray(switches[t], bool)
+    rows, cols = np.nonzero(sw)
+    out[t] = jnp.zeros(sw.shape, w.dtype).at[rows, cols].set(
+        jnp.reshape(w, (-1,)))
+  return out
+
+
 def _min_k(w: np.ndarray, k: int) -> list:
   """get_min_k: k times the first argmin, each then set to 1."""
   w = np.array(w, np.float64)
@@ -203,7 +216,9 @@ def derive_final(probs: Mapping[str, np.ndarray],
 
   Returns:
     (the unrestricted genotype, {M: genotype with at most M skip-connects in
-    the normal cell}). Only the normal cell is restricted.
+    the normal cell}). Only the normal cell is restricted. An edge whose
+    last stage left it only 'none' and skip keeps its skip, so a cap below
+    the number of such edges is not met (the genotype has as few as can be).
   """
   none_index = primitives.index(NONE) if NONE in primitives else None
   skip_index = primitives.index(SKIP)
@@ -230,7 +245,12 @@ def derive_final(probs: Mapping[str, np.ndarray],
       col = {}
       for e in np.flatnonzero(normal[:, skip_index]):
         col[e] = list(np.flatnonzero(last_normal[e])).index(skip_index)
-        sk[e] = p[e, col[e]]
+        sk[e] = p[e, col[e]] if p[e, col[e]] > 0 else np.inf
+      if not np.isfinite(sk[list(col)]).any():
+        # Every edge left with a skip has no other op than 'none' to fall
+        # back on (the reference loops forever here): the cap cannot be
+        # met; keep the fewest skips there are.
+        break
       e = int(np.argmin(sk))
       p[e, col[e]] = 0.
       normal = _keep_two(_keep_one(last_normal, p, none_index), p.max(-1),
@@ -286,6 +306,7 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 25,
          arch_betas=(0.5, 0.999), arch_weight_decay: float = 1e-3,
          arch_grad_clip: float = 5.,
          arch_init_scale: float = arch_lib.DARTS_INIT_SCALE,
+         switches: Optional[Mapping[str, np.ndarray]] = None,
          derive_fn: Optional[base.DeriveFn] = None) -> base.Method:
   """One P-DARTS stage with the reference's settings (defaults).
 
@@ -300,6 +321,7 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 25,
     arch_lr, arch_betas, arch_weight_decay, arch_grad_clip: alpha Adam,
       after clipping the alphas' gradient norm.
     arch_init_scale: alphas start at `arch_init_scale * N(0, 1)`.
+    switches: the stage's switches, to log mixtures over all ops.
     derive_fn: softmax weights -> genotype of the stage (for logging; the
       final genotype is `derive_final`'s).
   """
@@ -327,4 +349,7 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 25,
       eval_step=functools.partial(base.eval_step, net=net,
                                   weights_fn=arch_lib.softmax_weights),
       derive=functools.partial(
-          darts.derive, derive_fn=derive_fn or base.space_derive(net)))
+          darts.derive, derive_fn=derive_fn or base.space_derive(net)),
+      mixing=arch_lib.softmax_weights if switches is None else (
+          lambda arch: full_weights(arch_lib.softmax_weights(arch),
+                                    switches)))

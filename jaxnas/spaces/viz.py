@@ -267,9 +267,9 @@ def plot_entropy(history: Sequence[Mapping[str, np.ndarray]],
   for cell in history[0]:
     ax.plot(epochs, [mixture_entropy(h[cell]) for h in history],
             marker=marker, label=f'{cell} cell')
-  k = np.asarray(history[0][next(iter(history[0]))]).shape[-1]
-  ax.axhline(np.log(k), color='grey', ls='--', lw=1,
-             label=f'uniform (log {k})')
+  for k in sorted({np.shape(w)[-1] for w in history[0].values()}):
+    ax.axhline(np.log(k), color='grey', ls='--', lw=1,
+               label=f'uniform (log {k})')
   ax.set_xlabel('epoch')
   ax.set_ylabel('mean entropy per edge (nats)')
   ax.set_ylim(bottom=0)
@@ -321,6 +321,47 @@ def plot_group_means(history: Sequence[Mapping[str, np.ndarray]],
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def plot_switches(history: Sequence[Mapping[str, np.ndarray]],
+                  primitives: Sequence[str], path: str) -> str:
+  """Draws P-DARTS' op switches after each stage: one panel per stage and
+  cell type, edges down, ops across, switched-on ops filled.
+
+  Args:
+    history: per stage, {cell type: [edges, len(primitives)] bool}.
+    primitives: the column names.
+    path: the PNG to write.
+
+  Returns:
+    `path`.
+  """
+  if not history:
+    raise ValueError('history is empty: nothing to plot')
+  cells = list(history[0])
+  for stage in history:
+    for cell in cells:
+      if np.shape(stage[cell])[-1] != len(primitives):
+        raise ValueError(f'{cell} switches have {np.shape(stage[cell])[-1]} '
+                         f'columns for {len(primitives)} primitives')
+  edges = np.shape(history[0][cells[0]])[0]
+  fig, axes = plt.subplots(
+      len(cells), len(history), squeeze=False, layout='constrained',
+      figsize=(1.2 + 0.35 * len(primitives) * len(history),
+               0.8 + 0.3 * edges * len(cells)))
+  for s, stage in enumerate(history):
+    for c, cell in enumerate(cells):
+      ax = axes[c, s]
+      ax.imshow(np.asarray(stage[cell], float), cmap='Greens', vmin=0,
+                vmax=1.3, aspect='auto')
+      ax.set_title(f'after stage {s + 1}: {cell}', fontsize=9)
+      ax.set_xticks(range(len(primitives)))
+      ax.set_xticklabels(primitives, rotation=90, fontsize=7)
+      ax.set_yticks(range(edges))
+      ax.set_yticklabels(default_edge_labels(edges), fontsize=6)
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path

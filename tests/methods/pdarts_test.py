@@ -155,6 +155,25 @@ class SkipCapTest(absltest.TestCase):
       self.assertEqual(self.capped[m].reduce, self.genotype.reduce, m)
 
 
+  def test_skips_with_no_other_op_stay_and_the_loop_ends(self):
+    # Edges 0 and 1 (node 0, always kept) offer only 'none' and skip.
+    ops2 = [('none', 'skip_connect')] * 2 + [('skip_connect',
+                                               'sep_conv_3x3')] * 12
+    last = _switches(ops2)
+    p = np.tile([.7, .3], (14, 1))
+    p[:2] = [.4, .6]
+    probs = {'normal': p, 'reduce': p.copy()}
+    final = {t: pdarts.prune(probs[t], last, 1, PRIMS, drop_none=True)
+             for t in probs}
+    _, capped = pdarts.derive_final(
+        probs, {'normal': last, 'reduce': last}, final, PRIMS)
+    skip = 'skip_connect'
+    for m in range(9):   # one skip fewer per cap, down to node 0's two
+      self.assertEqual(sum(op == skip for op, _ in capped[m].normal),
+                       max(m, 2), m)
+      self.assertEqual(capped[m].normal[:2], [(skip, 0), (skip, 1)])
+
+
 class StepTest(absltest.TestCase):
 
   def test_rate_changes_without_retracing_and_warmup_leaves_alphas(self):

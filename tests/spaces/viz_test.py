@@ -107,6 +107,15 @@ class VizTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'no ops'):
       viz.plot_group_means(history, {'x': np.zeros(8, bool)}, 'x.png')
 
+  def test_switches_picture(self):
+    rng = np.random.default_rng(4)
+    history = [{t: rng.random((14, 8)) < 0.5 for t in ('normal', 'reduce')}
+               for _ in range(3)]
+    self.assert_not_blank(viz.plot_switches(
+        history, PRIMITIVES, os.path.join(self.dir, 'switches.png')))
+    with self.assertRaisesRegex(ValueError, 'columns'):
+      viz.plot_switches(history, PRIMITIVES[:5], 'x.png')
+
   def test_genotype_pictures_are_not_blank(self):
     g = genotype_lib.Genotype.from_string(DARTS_V2)
     for path in viz.plot_genotype(g, os.path.join(self.dir, 'g_')):
