@@ -65,7 +65,7 @@ _WORKDIR = flags.DEFINE_string(
 # Methods and the search spaces each one supports.
 METHOD_SPACES = {'darts': ('darts', 'nb201'), 'rome': ('darts', 'nb201'),
                  'gdas': ('darts', 'nb201'), 'gaea': ('darts', 'nb201'),
-                 'dropnas': ('darts', 'nb201'), 'pdarts': ('darts',)}
+                 'dropnas': ('darts', 'nb201'), 'pdarts': ('darts', 'nb201')}
 # Methods whose network runs one sampled op per edge (jaxnas.methods.rome).
 SINGLE_PATH = ('rome', 'gdas')
 
@@ -278,6 +278,13 @@ def _pdarts_problems(config) -> list:
                     f"{config.get('max_skips')!r}")
   if config.get('num_seeds', 1) > 1:
     problems.append('P-DARTS runs one seed per search (num_seeds=1)')
+  if config.get('space') == 'nb201' and any(config.get('add_layers', ())):
+    problems.append('NAS-Bench-201 cells are fixed by the benchmark: set '
+                    'add_layers to zeros (depth is cells_per_stage)')
+  if config.get('space') == 'nb201' and tuple(
+      config.get('num_to_keep', ()))[-1:] != (1,):
+    problems.append('on NAS-Bench-201 the last stage must keep one op per '
+                    'edge: end num_to_keep with 1')
   if config.get('single_level'):
     problems.append('P-DARTS is bilevel: set --config.single_level=False')
   if 'skip_connect' not in config.get('primitives', ()):
@@ -351,21 +358,23 @@ def build(config, num_classes: int, steps_per_epoch: int):
                       f'{sorted(METHOD_SPACES)}')
   bn_axis = parallel.AXIS if config.get('sync_bn', True) else None
   single_path = _single_path(config)
-  if config.get('space', 'darts') == 'nb201':
+  nb = config.get('space', 'darts') == 'nb201'
+  primitives = tuple(config.get(
+      'primitives', ops.NB201_PRIMITIVES if nb else ops.DARTS_PRIMITIVES))
+  switches = None
+  if config.get('stage') is not None:  # a P-DARTS stage: its switches
+    switches = {t: np.array(config[f'switches_{t}'], bool)
+                for t in stage_cell_types(config)}
+  if nb:
     net = nb201.SearchNetwork(
         C=config.init_channels, N=config.cells_per_stage,
-        num_classes=num_classes,
-        primitives=tuple(config.get('primitives', ops.NB201_PRIMITIVES)),
+        num_classes=num_classes, primitives=primitives,
         track_running_stats=config.get('track_running_stats', True),
-        bn_axis_name=bn_axis, single_path=single_path)
+        bn_axis_name=bn_axis, single_path=single_path,
+        cell_ops=switches and pdarts.edge_ops(switches['cell'], primitives))
     derive_fn = base.space_derive(
         net, exclude=('none',) if config.get('exclude_none') else ())
   else:
-    primitives = tuple(config.get('primitives', ops.DARTS_PRIMITIVES))
-    switches = None
-    if config.get('switches_normal') is not None:  # a P-DARTS stage
-      switches = {t: np.array(config[f'switches_{t}'], bool)
-                  for t in ('normal', 'reduce')}
     net = darts_space.SearchNetwork(
         C=config.init_channels, num_classes=num_classes, layers=config.layers,
         steps=config.steps, multiplier=config.multiplier,
@@ -974,16 +983,21 @@ def search(config, workdir: str):
   return host_state, [g for _, g in genotypes]
 
 
+def stage_cell_types(config):
+  """The cell types of `config`'s space: ('normal', 'reduce') or ('cell',)."""
+  return ('cell',) if config.get('space') == 'nb201' else ('normal', 'reduce')
+
+
 def stage_config(config, stage: int, switches):
-  """The config of P-DARTS stage `stage` over `switches` ({'normal',
-  'reduce'}: [edges, primitives] bool)."""
+  """The config of P-DARTS stage `stage` over `switches` ({cell type:
+  [edges, primitives] bool})."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict(config.to_dict())
   c.stage = stage
   c.layers = config.layers + config.add_layers[stage]
   c.skip_dropout = float(config.dropout_rates[stage])
-  c.switches_normal = switches['normal'].tolist()
-  c.switches_reduce = switches['reduce'].tolist()
+  for t in stage_cell_types(config):
+    c[f'switches_{t}'] = switches[t].tolist()
   c.distributed = False   # initialised once, by search_stages
   return c
 
@@ -996,10 +1010,13 @@ def search_stages(config, workdir: str):
   restored), then prunes. The switches after every stage go to
   `workdir/switches.json` and `switches.png`; the final genotype with at
   most `max_skips` skip-connects to `genotype.json` / `genotype.txt`, and the
-  genotype for every cap to `genotypes_by_max_skips.json`.
+  genotype for every cap to `genotypes_by_max_skips.json`. On NAS-Bench-201
+  the final arch is each edge's last op (no cap: the topology is fixed),
+  scored against `nb201_table` when it is given (`nb201.json`).
 
   Returns:
-    (the last stage's final SearchState on the host, the final Genotype).
+    (the last stage's final SearchState on the host, the final Genotype or
+    NAS-Bench-201 Arch).
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxnas import arch as arch_lib  # pylint: disable=g-import-not-at-top
@@ -1011,32 +1028,35 @@ def search_stages(config, workdir: str):
     parallel.initialize_distributed(config.get('coordinator_address'),
                                     config.get('num_processes'),
                                     config.get('process_id'))
+  from jaxnas.spaces import nb201  # pylint: disable=g-import-not-at-top
   primitives = tuple(config.primitives)
-  shape = (darts_space.num_edges(config.steps), len(primitives))
-  switches = {t: np.ones(shape, bool) for t in darts_space.CELL_TYPES}
+  nb = config.get('space') == 'nb201'
+  cell_types = stage_cell_types(config)
+  shape = (nb201.NUM_EDGES if nb else darts_space.num_edges(config.steps),
+           len(primitives))
+  switches = {t: np.ones(shape, bool) for t in cell_types}
   stages = len(config.num_to_keep)
   record = []
   chief = common.is_chief()
   for s in range(stages):
     if chief:
-      cells = config.layers + config.add_layers[s]
-      print(f'P-DARTS stage {s + 1} of {stages}: {cells} cells, '
-            f"{int(switches['normal'][0].sum())} ops per edge", flush=True)
+      cells = (f'{3 * config.cells_per_stage} cells' if nb else
+               f'{config.layers + config.add_layers[s]} cells')
+      print(f'P-DARTS stage {s + 1} of {stages}: {cells}, '
+            f'{int(switches[cell_types[0]][0].sum())} ops per edge',
+            flush=True)
     state, _ = search(stage_config(config, s, switches),
                       os.path.join(workdir, f'stage_{s}'))
     probs = {t: np.asarray(w) for t, w in arch_lib.softmax_weights(
         state.arch).items()}
     before = switches
-    n_on = int(before['normal'][0].sum())
+    n_on = int(before[cell_types[0]][0].sum())
     switches = {t: pdarts.prune(probs[t], before[t],
                                 n_on - config.num_to_keep[s], primitives,
                                 drop_none=s == stages - 1)
-                for t in darts_space.CELL_TYPES}
+                for t in cell_types}
     record.append({t: pdarts.edge_ops(switches[t], primitives)
-                   for t in darts_space.CELL_TYPES})
-  genotype, capped = pdarts.derive_final(probs, before, switches, primitives,
-                                         steps=config.steps)
-  final = capped[min(config.max_skips, max(capped))]
+                   for t in cell_types})
   if chief:
     common.atomic_write(os.path.join(workdir, 'switches.json'),
                         json.dumps(record, indent=1))
@@ -1044,6 +1064,12 @@ def search_stages(config, workdir: str):
                                       for e in r[t]]) for t in r}
                        for r in record], primitives,
                       os.path.join(workdir, 'switches.png'))
+  if nb:
+    return state, _nb201_stages_final(config, workdir, record[-1]['cell'])
+  genotype, capped = pdarts.derive_final(probs, before, switches, primitives,
+                                         steps=config.steps)
+  final = capped[min(config.max_skips, max(capped))]
+  if chief:
     common.atomic_write(
         os.path.join(workdir, 'genotypes_by_max_skips.json'),
         json.dumps({'unrestricted': genotype.to_dict(),
@@ -1063,6 +1089,32 @@ def search_stages(config, workdir: str):
     print(f'final genotype (M={config.max_skips}) written to '
           f'{workdir}/genotype.json:\n{final}', flush=True)
   return state, final
+
+
+def _nb201_stages_final(config, workdir, last_ops):
+  """The NAS-Bench-201 arch of P-DARTS' last switches (one op per edge),
+  written and, with `nb201_table`, scored."""
+  from jaxnas.spaces import nb201  # pylint: disable=g-import-not-at-top
+  if any(len(e) != 1 for e in last_ops):
+    raise ConfigError(f'the last stage must leave one op per edge '
+                      f'(num_to_keep ends with 1), got {last_ops}')
+  arch = nb201.Arch(tuple(e[0] for e in last_ops))
+  if common.is_chief():
+    common.atomic_write(os.path.join(workdir, 'genotype.json'),
+                        arch.to_json())
+    common.atomic_write(os.path.join(workdir, 'genotype.txt'),
+                        str(arch) + '\n')
+    print(f'final arch written to {workdir}/genotype.json:\n{arch}',
+          flush=True)
+    if config.get('nb201_table'):
+      from jaxnas.benchmarks import nb201 as nb201_bench  # pylint: disable=g-import-not-at-top
+      report = _nb201_final(nb201_bench.Table.load(config.nb201_table),
+                            [(config.seed, arch)])
+      common.atomic_write(os.path.join(workdir, 'nb201.json'),
+                          json.dumps(report, indent=1))
+      print(_nb201_text(report) + f'\n(written to {workdir}/nb201.json)',
+            flush=True)
+  return arch
 
 
 def main(argv):

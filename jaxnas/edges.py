@@ -111,3 +111,11 @@ def switch(module: nn.Module, branches: Sequence[Callable], index: jax.Array,
     return sum(b(module, x) for b in branches)
   zero = lambda m, x: jnp.zeros(out_shape, x.dtype)
   return nn.switch(index + 1, [zero, *branches], module, x)
+
+
+def dropout(x: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:
+  """Inverted dropout at a traced `rate` in [0, 1): kept entries scaled by
+  1 / (1 - rate), as torch's `nn.Dropout` (P-DARTS' skip-connect dropout)."""
+  rate = jnp.asarray(rate, x.dtype)
+  keep = jax.random.uniform(key, x.shape) >= rate
+  return jnp.where(keep, x / (1 - rate), jnp.zeros((), x.dtype))

@@ -573,6 +573,32 @@ class PDartsSearchTest(absltest.TestCase):
     self.assertEqual(skips, sorted(skips))   # never more under a lower cap
     _not_blank(self, os.path.join(wd, 'switches.png'))
 
+  def test_nb201_stages_end_with_the_scored_last_ops(self):
+    csv = os.path.join(fixtures.SHARED_DATA, 'nb201',
+                       'nb201_hp200_mean_acc.csv')
+    if not os.path.exists(csv):
+      self.skipTest(f'{csv} is absent: no NAS-Bench-201 table')
+    from jaxnas.benchmarks import nb201 as nb201_bench  # pylint: disable=g-import-not-at-top
+    config = pdarts_config.get_config('nb201_tiny')
+    config.update(dict(progress=False, tensorboard=False, parallel='jit',
+                       max_eval_examples=64, num_to_keep=(2, 1),
+                       add_layers=(0, 0), dropout_rates=(0.1, 0.4),
+                       nb201_table=csv))
+    wd = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, wd, True)
+    _, arch = search.search(config, wd)
+    with open(os.path.join(wd, 'switches.json')) as f:
+      after = json.load(f)
+    self.assertEqual(list(arch.ops), [e[0] for e in after[-1]['cell']])
+    self.assertNotIn('none', arch.ops)   # forced out at the last pruning
+    for s, ops_on in enumerate([5, 2]):
+      with np.load(os.path.join(wd, f'stage_{s}', 'alphas.npz')) as f:
+        self.assertEqual(f['alpha_cell'].shape, (6, ops_on))
+    with open(os.path.join(wd, 'nb201.json')) as f:
+      (run,) = json.load(f)['runs']
+    self.assertEqual(run['index'],
+                     nb201_bench.Table.load(csv).index(arch))
+
 
 class NB201SearchTest(absltest.TestCase):
   """DARTS on the NAS-Bench-201 space, scored against the benchmark table."""

@@ -23,8 +23,15 @@ Variants (`--config experiments/configs/pdarts.py:VARIANT`):
   unconfirmed) on CIFAR-100.
 * `tiny`: all three stages on digits in minutes: C=4, cells of 2 nodes,
   3 / 4 / 5 cells, 2 epochs per stage (1 warm-up) of 4 steps.
-
-NAS-Bench-201 is not offered: its cells have no per-edge op subsets here.
+* `nb201`: P-DARTS where it applies to NAS-Bench-201 (not run by the
+  authors; our choices): op pruning 5 -> 3 -> 2 -> 1 per edge over three
+  stages and the skip dropout schedule; the depth is the benchmark's (C=16,
+  N=5 in every stage, so `add_layers` are zeros) and there is no skip cap
+  (the topology is fixed). Batch 64 and CIFAR-10 halves as NB-201's DARTS
+  runs; P-DARTS' optimizers and 25-epoch stages. `--config.nb201_table`
+  scores every stage's arch and the final one.
+* `nb201_tiny`: the same on digits, one cell per stage, 2 epochs of 4 steps
+  per stage.
 
 Run:
 
@@ -36,7 +43,7 @@ import ml_collections
 
 from experiments.configs import base
 
-VARIANTS = ('cifar10', 'cifar100', 'tiny')
+VARIANTS = ('cifar10', 'cifar100', 'tiny', 'nb201', 'nb201_tiny')
 
 
 def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
@@ -44,7 +51,8 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f'unknown variant {variant!r}; known: '
                      f'{", ".join(VARIANTS)}')
-  c = base.get_config('tiny' if variant == 'tiny' else 'cifar10', 'pdarts')
+  c = base.get_config('cifar10' if variant == 'cifar100' else variant,
+                      'pdarts')
   c.variant = variant
   c.num_to_keep = (5, 3, 1)        # ops per edge after each stage
   c.add_layers = (0, 6, 12)        # cells added to `layers` per stage
@@ -55,6 +63,8 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.layers = 5
   c.epochs = 25                    # per stage
   c.batch_size = 96
+  c.weight_decay = 3e-4
+  c.nesterov = False
   c.lr = 0.025
   c.lr_min = 0.                    # --learning_rate_min
   c.arch_lr = 6e-4                 # --arch_learning_rate
@@ -64,9 +74,19 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.skip_dropout = ml_collections.config_dict.placeholder(float)
   c.switches_normal = None
   c.switches_reduce = None
+  c.switches_cell = None           # NAS-Bench-201
   if variant == 'cifar100':
     c.dataset = 'cifar100'
     c.dropout_rates = (0.1, 0.2, 0.3)
+  elif variant in ('nb201', 'nb201_tiny'):
+    c.num_to_keep = (3, 2, 1)
+    c.add_layers = (0, 0, 0)
+    c.batch_size = 64
+    if variant == 'nb201_tiny':
+      c.batch_size = 16
+      c.epochs = 2
+      c.warmup_epochs = 1
+      c.max_steps_per_epoch = 4
   elif variant == 'tiny':
     c.layers = 3
     c.add_layers = (0, 1, 2)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -199,8 +200,22 @@ def space_derive(net: nn.Module, *, exclude: Tuple[str, ...] = ()
   from jaxnas.spaces import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import nb201  # pylint: disable=g-import-not-at-top
   if isinstance(net, nb201.SearchNetwork):
-    return functools.partial(nb201.derive, primitives=net.primitives,
-                             exclude=exclude)
+    if net.cell_ops is None:
+      return functools.partial(nb201.derive, primitives=net.primitives,
+                               exclude=exclude)
+    # Per-edge op subsets (P-DARTS): spread each edge's weights over all
+    # primitives, -1 where an op is off, so only the edge's own ops can win.
+    primitives = tuple(net.primitives)
+    rows = [[primitives.index(o) for o in e] for e in net.cell_ops]
+
+    def derive_subsets(weights):
+      w = np.asarray(weights['cell'] if isinstance(weights, Mapping)
+                     else weights)
+      full = -np.ones((len(rows), len(primitives)), w.dtype)
+      for e, cols in enumerate(rows):
+        full[e, cols] = w[e]
+      return nb201.derive(full, primitives=primitives, exclude=exclude)
+    return derive_subsets
   if exclude:
     raise ValueError('the DARTS rule always excludes "none"; exclude is for '
                      'NAS-Bench-201')

@@ -137,7 +137,7 @@ class SourceGroup(nn.Module):
         y = y[np.array([used.index(int(src_pos[m])) for m in rows])]
         if (name == 'skip_connect' and skip_dropout is not None and train
             and self.stride == 1):
-          y = dropout(y, skip_dropout, self.make_rng('dropout'))
+          y = edges.dropout(y, skip_dropout, self.make_rng('dropout'))
       terms.append((rows, w, y))
     return edges.mix(terms, len(edge_ids))
 
@@ -151,14 +151,6 @@ class SourceGroup(nn.Module):
     y = y.reshape((s, b) + y.shape[1:])
     return stacked_ops.stacked_batch_norm(train, self.bn_axis_name,
                                           name=f'{name}_bn')(y)
-
-
-def dropout(x: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:
-  """Inverted dropout at a traced `rate` in [0, 1): kept entries scaled by
-  1 / (1 - rate), as torch's `nn.Dropout`."""
-  rate = jnp.asarray(rate, x.dtype)
-  keep = jax.random.uniform(key, x.shape) >= rate
-  return jnp.where(keep, x / (1 - rate), jnp.zeros((), x.dtype))
 
 
 class PoolBN(nn.Module):

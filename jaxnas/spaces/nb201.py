@@ -266,7 +266,10 @@ class MixedEdge(nn.Module):
         bn_axis_name=self.bn_axis_name, module_name=op)
                 for op in self.primitives if op != 'none']
 
-  def __call__(self, x: jax.Array, w, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, w, train: bool,
+               skip_dropout: Optional[jax.Array] = None) -> jax.Array:
+    """`skip_dropout`: P-DARTS' dropout rate after the skip-connect in
+    training (traced; needs a 'dropout' rng); None: no dropout."""
     branches, k = [], 0
     for op in self.primitives:
       if op == 'none':
@@ -281,6 +284,8 @@ class MixedEdge(nn.Module):
     for k, op in enumerate(self.primitives):
       if op != 'none':
         y = branches[k](self, x)
+        if op == 'skip_connect' and skip_dropout is not None and train:
+          y = edges.dropout(y, skip_dropout, self.make_rng('dropout'))
         out = out + w[k].astype(y.dtype) * y
     return out
 
@@ -293,20 +298,23 @@ class SearchCell(nn.Module):
 
   Attributes:
     channels: input and output channels of every edge.
-    primitives: candidate ops on every edge.
+    primitives: candidate ops on every edge, unless `cell_ops` gives each
+      edge its own (in `EDGES` order; P-DARTS' pruned switches).
     affine: BN scale and bias in the conv ops.
     track_running_stats: see the module docstring.
     bn_axis_name: if set, BN statistics are averaged over this axis.
+    cell_ops: optional per-edge op subsets.
   """
   channels: int
   primitives: Tuple[str, ...] = NB201_PRIMITIVES
   affine: bool = False
   track_running_stats: bool = True
   bn_axis_name: Optional[str] = None
+  cell_ops: Optional[EdgeOps] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, weights: jax.Array,
-               train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, weights: jax.Array, train: bool,
+               skip_dropout: Optional[jax.Array] = None) -> jax.Array:
     if x.shape[-1] != self.channels:
       raise ValueError(f'cell of {self.channels} channels got input of shape '
                        f'{x.shape}')
@@ -314,12 +322,15 @@ class SearchCell(nn.Module):
     for i in range(1, NUM_NODES):
       node = None
       for j in range(i):
-        y = MixedEdge(self.channels, tuple(self.primitives), self.affine,
+        e = EDGES.index((i, j))
+        prims = (self.cell_ops[e] if self.cell_ops is not None else
+                 self.primitives)
+        y = MixedEdge(self.channels, tuple(prims), self.affine,
                       self.track_running_stats, self.bn_axis_name,
                       name=f'edge_{i}_{j}')(
-                          nodes[j], jax.tree.map(
-                              lambda a, e=EDGES.index((i, j)): a[e],
-                              weights), train)
+                          nodes[j], jax.tree.map(lambda a, e=e: a[e],
+                                                 weights), train,
+                          skip_dropout)
         node = y if node is None else node + y
       nodes.append(node)
     return nodes[-1]
@@ -371,6 +382,8 @@ class SearchNetwork(nn.Module):
     bn_axis_name: if set, BatchNorm statistics are averaged over this axis.
     single_path: take a `jaxnas.edges.SinglePath` sample (GDAS, ROME)
       instead of mixing weights; the weights' layout is the same.
+    cell_ops: optional per-edge op subsets (P-DARTS' switches), each in
+      `primitives` order, all of one length.
   """
   C: int = 16
   N: int = 5
@@ -380,22 +393,31 @@ class SearchNetwork(nn.Module):
   track_running_stats: bool = True
   bn_axis_name: Optional[str] = None
   single_path: bool = False
+  cell_ops: Optional[EdgeOps] = None
 
   def edge_ops(self, cell_type: str = 'cell') -> EdgeOps:
     """Per-edge candidate ops of `cell_type` (only 'cell')."""
     if cell_type not in CELL_TYPES:
       raise ValueError(f'NB-201 has one cell type {CELL_TYPES}, got '
                        f'{cell_type!r}')
+    if self.cell_ops is not None:
+      return tuple(tuple(e) for e in self.cell_ops)
     return (tuple(self.primitives),) * NUM_EDGES
 
   def arch_shapes(self) -> Mapping[str, Tuple[int, int]]:
     """Shape of the mixing weights the network expects per cell type."""
-    return {'cell': (NUM_EDGES, len(self.primitives))}
+    counts = {len(e) for e in self.edge_ops()}
+    if len(counts) != 1 or len(self.edge_ops()) != NUM_EDGES:
+      raise ValueError(f'cell_ops must give {NUM_EDGES} edges with the same '
+                       f'number of ops, got {self.cell_ops}')
+    return {'cell': (NUM_EDGES, counts.pop())}
 
   def _validate(self, x: jax.Array, weights: Mapping[str, jax.Array]):
     if self.C < 1 or self.N < 1 or self.num_classes < 1:
       raise ValueError('C, N and num_classes must be positive')
     ops.check_primitives(self.primitives, NB201_PRIMITIVES)
+    for e in self.edge_ops():
+      ops.check_primitives(e, NB201_PRIMITIVES)
     if x.ndim != 4:
       raise ValueError(f'expected NHWC images, got shape {x.shape}')
     if x.shape[1] % 4 or x.shape[2] % 4:
@@ -415,13 +437,18 @@ class SearchNetwork(nn.Module):
                          f'{w!r:.200}')
     elif tuple(weights['cell'].shape) != shape:
       raise ValueError(f'cell mixing weights must have shape {shape} (edges '
-                       f'{EDGE_KEYS} x ops {tuple(self.primitives)}), got '
+                       f'{EDGE_KEYS} x ops per edge), got '
                        f'{tuple(weights["cell"].shape)}')
 
   @nn.compact
   def __call__(self, x: jax.Array, weights: Mapping[str, jax.Array],
-               train: bool) -> jax.Array:
+               train: bool, skip_dropout: Optional[jax.Array] = None
+               ) -> jax.Array:
+    """Logits of images `x` under the cell's mixing `weights`;
+    `skip_dropout` as `SearchCell`'s."""
     self._validate(x, weights)
+    if skip_dropout is not None and self.single_path:
+      raise ValueError('skip_dropout applies to mixture networks only')
     axis = self.bn_axis_name
     s = ops.Conv(self.C, 3, padding=1, name='stem_conv')(x)
     s = ops.batch_norm(train, True, axis, name='stem_bn')(s)
@@ -432,8 +459,9 @@ class SearchNetwork(nn.Module):
         s = ResNetBasicBlock(c, 2, axis, name=f'resblock{i}')(s, train)
       else:
         s = SearchCell(c, tuple(self.primitives), self.affine,
-                       self.track_running_stats, axis, name=f'cell{i}')(
-                           s, weights['cell'], train)
+                       self.track_running_stats, axis, self.cell_ops,
+                       name=f'cell{i}')(s, weights['cell'], train,
+                                        skip_dropout)
     s = nn.relu(ops.batch_norm(train, True, axis, name='lastact_bn')(s))
     out = jnp.mean(s, axis=(1, 2))
     return nn.Dense(

@@ -11,6 +11,7 @@ import numpy as np
 from jaxnas import ops
 from jaxnas.methods import pdarts
 from jaxnas.spaces import darts as darts_space
+from jaxnas.spaces import nb201
 from tests.methods import helpers
 
 PRIMS = ops.DARTS_PRIMITIVES
@@ -210,3 +211,38 @@ class StepTest(absltest.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+class NB201Test(absltest.TestCase):
+
+  def test_pruned_cell_ops_and_skip_dropout(self):
+    sw = np.array([[p in ('none', 'skip_connect', 'nor_conv_3x3')
+                    for p in nb201.NB201_PRIMITIVES]] * 6)
+    ops_ = pdarts.edge_ops(sw, nb201.NB201_PRIMITIVES)
+    net = nb201.SearchNetwork(C=4, N=1, cell_ops=ops_)
+    self.assertEqual(net.arch_shapes(), {'cell': (6, 3)})
+    method = pdarts.make(net, steps_per_epoch=1, epochs=2, warmup_epochs=0,
+                         initial_dropout=0.5, switches={'cell': sw})
+    state = method.init(jax.random.key(0), _batch(0)['image'][:1])
+    names = set(state.params['cell0']['edge_1_0'])
+    self.assertEqual(names, {'nor_conv_3x3'})   # no pool, no 1x1 conv
+    # Mixtures are logged over all five ops, 0 where an op is off.
+    full = method.mixing(state.arch)['cell']
+    chex.assert_shape(full, (6, 5))
+    np.testing.assert_array_equal(full[:, [2, 4]], 0.)
+    np.testing.assert_allclose(full.sum(-1), 1., rtol=1e-6)
+    # Dropout on the skip makes training outputs depend on the key.
+    x = _batch(1)['image']
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    w = {'cell': jax.nn.softmax(state.arch['cell'])}
+
+    def run(rate, k):
+      return net.apply(variables, x, w, True, jnp.float32(rate),
+                       rngs={'dropout': jax.random.key(k)},
+                       mutable=['batch_stats'])[0]
+    np.testing.assert_allclose(run(0., 1), run(0., 2), rtol=1e-6)
+    self.assertFalse(np.allclose(run(0.5, 1), run(0.5, 2)))
+    # The derivation picks among each edge's own ops.
+    arch = method.derive(state.replace(arch={'cell': jnp.tile(
+        jnp.array([5., 0., 1.]), (6, 1))}))
+    self.assertEqual(arch.ops, ('none',) * 6)
