@@ -302,7 +302,9 @@ def search_splits(ds, config):
   half is only evaluated on, never trained on (see `search_batches`).
   With `train_portion=1` (DropNAS' one-level search on the whole training
   set) the whole training split is the first part and the test split the
-  second, evaluated on for monitoring only.
+  second, evaluated on for monitoring only; the test split comes in one
+  fixed shuffled order, so that `max_eval_examples` takes every class (an
+  image folder lists it class by class).
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxnas import data  # pylint: disable=g-import-not-at-top
@@ -312,7 +314,8 @@ def search_splits(ds, config):
           f'train_portion=1 trains on all of {config.dataset}\'s training '
           'split and evaluates on its test split, which it does not have; '
           'set --config.train_portion < 1')
-    return ds.train, ds.test
+    order = np.random.default_rng(0).permutation(len(ds.test))
+    return ds.train, ds.test.take(order)
   weights_half, arch_half = data.split(ds.train, config.train_portion)
   only = set(np.unique(weights_half.labels)) ^ set(np.unique(arch_half.labels))
   if only:

@@ -475,7 +475,16 @@ class DropNASSearchTest(absltest.TestCase):
     ds = data.load(config.dataset)
     train, held_out = search.search_splits(ds, config)
     self.assertIs(train, ds.train)      # no split: evaluation on the test set
-    self.assertIs(held_out, ds.test)
+    self.assertEqual(sorted(held_out.labels.tolist()),
+                     sorted(ds.test.labels.tolist()))
+    # A test split listed class by class (an image folder) is shuffled, so
+    # that max_eval_examples takes every class.
+    labels = np.repeat(np.arange(10), 30)
+    by_class = data.Dataset('folder:x', ds.train, data.Split(
+        np.zeros((300, 8, 8, 1), np.uint8), labels), 10, (0.,), (1.,))
+    _, held_out = search.search_splits(by_class, config)
+    self.assertLen(np.unique(held_out.labels[:30]), 10)
+    self.assertEqual(sorted(held_out.labels.tolist()), labels.tolist())
     wd = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, wd, True)
     state, arch = search.search(config, wd)
