@@ -26,7 +26,6 @@ averaged over devices inside; the returned arch gradient is this device's
 from typing import Any, Callable, Tuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from jaxnas import parallel
