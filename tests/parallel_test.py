@@ -1,6 +1,5 @@
 """Data parallelism: 8 forced CPU devices against one, pmap against shard_map."""
 
-
 from absl.testing import absltest
 import chex
 import jax
