@@ -281,10 +281,9 @@ def _pdarts_problems(config) -> list:
   if config.get('space') == 'nb201' and any(config.get('add_layers', ())):
     problems.append('NAS-Bench-201 cells are fixed by the benchmark: set '
                     'add_layers to zeros (depth is cells_per_stage)')
-  if config.get('space') == 'nb201' and tuple(
-      config.get('num_to_keep', ()))[-1:] != (1,):
-    problems.append('on NAS-Bench-201 the last stage must keep one op per '
-                    'edge: end num_to_keep with 1')
+  if tuple(config.get('num_to_keep', ()))[-1:] != (1,):
+    problems.append('the last pruning leaves the final op of each edge: end '
+                    'num_to_keep with 1')
   if config.get('single_level'):
     problems.append('P-DARTS is bilevel: set --config.single_level=False')
   if 'skip_connect' not in config.get('primitives', ()):
@@ -997,6 +996,9 @@ def stage_config(config, stage: int, switches):
   import ml_collections  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict(config.to_dict())
   c.stage = stage
+  # A fresh init, data order and dropout stream per stage (the reference
+  # runs one RNG through all stages); stage 0 has the run's seed.
+  c.seed = config.seed + stage
   c.layers = config.layers + config.add_layers[stage]
   c.skip_dropout = float(config.dropout_rates[stage])
   for t in stage_cell_types(config):

@@ -23,8 +23,12 @@ parametric (the convolutions) and non-parametric (pools, skip, 'none').
 
 Not done: skipping the dropped ops' compute. With ~7% of ops dropped it
 would need a conditional per op and edge, which costs far more compile time
-on XLA than it saves (see ROME's switches). So every op runs, and dropped
-ops are multiplied by an exact 0, which gives the same maths.
+on XLA than it saves (see ROME's switches), and the search cell computes
+each op stacked over all edges leaving a node. So every op runs, and
+dropped ops are multiplied by an exact 0: the same losses and gradients.
+One difference: a dropped op's BatchNorm running statistics still update
+(the reference does not run it), which only touches the per-epoch
+evaluation, not the search.
 
 Synopsis:
 
@@ -180,11 +184,13 @@ def search_step(state: base.SearchState, batch, *, net: nn.Module, w_tx,
   # 1) the loss step.
   state, grad_norm = base.apply_weight_grads(state, g_w, w_tx=w_tx)
   state = arch_step(state, g_a)
-  # 2) the partial decay step, with the same optimizer states.
+  # 2) the partial decay step, with the same optimizer states; the
+  # reference takes its alpha step even in the warm-up (search.py).
   state, _ = base.apply_weight_grads(
       state, partial_decay(state.params, g_w, weight_decay), w_tx=w_tx)
-  state = arch_step(state, partial_decay(state.arch, g_a, arch_decay,
-                                         threshold=ALPHA_GRAD_EPS))
+  state = base.apply_arch_grads(
+      state, partial_decay(state.arch, g_a, arch_decay,
+                           threshold=ALPHA_GRAD_EPS), a_tx=a_tx)
   # 3) restore each edge's kept / dropped probability split.
   arch = {n: adjust_alphas(state.arch[n], masks[n], ratio[n]) for n in names}
   state = state.replace(arch=arch, batch_stats=base.sync_batch_stats(stats),

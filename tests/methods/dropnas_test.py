@@ -7,11 +7,13 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxnas import ops
 from jaxnas import parallel
 from jaxnas.methods import base
 from jaxnas.methods import dropnas
+from jaxnas.spaces import darts as darts_space
 from jaxnas.spaces import nb201
 from tests.methods import helpers
 
@@ -145,6 +147,42 @@ class StepTest(absltest.TestCase):
         w0 = state.params['cell0'][f'edge_{i}_{j}'][op]['Conv_0']['kernel']
         w1 = new.params['cell0'][f'edge_{i}_{j}'][op]['Conv_0']['kernel']
         self.assertEqual(np.array_equal(w0, w1), not mask[e, o], (name, op))
+
+  def test_two_optimizer_steps_per_iteration_with_shared_states(self):
+    net = nb201.SearchNetwork(C=4, N=1, num_classes=10)
+    method = dropnas.make(net, steps_per_epoch=2, epochs=2, drop_rate=0.3)
+    state = method.init(jax.random.key(0), _batch(0)['image'][:1])
+    new, _ = jax.jit(method.step)(state, {'train': _batch(1),
+                                          'val': _batch(2)})
+    # The loss step and the partial-decay step each advance Adam (torch's
+    # two `alpha_optim.step()` calls on one state).
+    self.assertEqual(int(optax.tree_utils.tree_get(new.a_opt_state,
+                                                   'count')), 2)
+    # Without the decay step the weights would differ: its gradient is
+    # 2 * wd * w on every weight the loss step reached.
+    no_decay = dropnas.make(net, steps_per_epoch=2, epochs=2, drop_rate=0.3,
+                            weight_decay=0.)
+    other, _ = jax.jit(no_decay.step)(state, {'train': _batch(1),
+                                              'val': _batch(2)})
+    self.assertTrue(helpers.changed(new.params, other.params))
+
+  def test_derivation_ranks_edges_by_raw_alphas(self):
+    net = darts_space.SearchNetwork(C=4, num_classes=10, layers=3, steps=2,
+                                    multiplier=2)
+    method = dropnas.make(net, steps_per_epoch=1)
+    # Node 1's edges 2, 3, 4: edge 2's raw max is the largest (2.0) but its
+    # softmax is flat (0.125); edge 3 is peaked at 1.5; edge 4 has 0.5.
+    # Raw alphas keep edges 2 and 3, softmax weights would keep 3 and 4.
+    a = np.zeros((5, 8), np.float32)
+    a[2, 1:] = 2.
+    a[3] = -10.
+    a[3, 4] = 1.5
+    a[4, 5] = 0.5
+    arch = {'normal': jnp.asarray(a), 'reduce': jnp.asarray(a)}
+    g = method.derive(base.SearchState(
+        step=jnp.zeros((), jnp.int32), params={}, batch_stats={}, arch=arch,
+        w_opt_state=(), a_opt_state=(), key=jax.random.key(0)))
+    self.assertEqual(sorted(j for _, j in g.normal[2:]), [0, 1])
 
   def test_eight_devices_equal_one(self):
     """The mask comes from the replicated state's key: every device drops

@@ -209,9 +209,6 @@ class StepTest(absltest.TestCase):
         rates, [_reference_rate(e, 0.4, 4, 2) for e in range(4)], rtol=1e-6)
 
 
-if __name__ == '__main__':
-  absltest.main()
-
 
 class NB201Test(absltest.TestCase):
 
@@ -246,3 +243,7 @@ class NB201Test(absltest.TestCase):
     arch = method.derive(state.replace(arch={'cell': jnp.tile(
         jnp.array([5., 0., 1.]), (6, 1))}))
     self.assertEqual(arch.ops, ('none',) * 6)
+
+
+if __name__ == '__main__':
+  absltest.main()
