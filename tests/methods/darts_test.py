@@ -136,14 +136,15 @@ class SecondOrderTest(absltest.TestCase):
       self.assertGreater(float(optax.tree.norm(kw['momentum_buf'])), 0.)
       trn, val = to64(_batch(5)), to64(_batch(6))
       args = (state64.params, state64.arch, state64.batch_stats, trn, val)
-      fd = jax.jit(functools.partial(hypergrad.unrolled_fd, loss_fn,
-                                     **kw))(*args)[0]
-      exact = jax.jit(functools.partial(hypergrad.unrolled_exact, loss_fn,
-                                        **kw))(*args)[0]
-      fd_small_r = jax.jit(functools.partial(hypergrad.unrolled_fd, loss_fn,
-                                             r=1e-5, **kw))(*args)[0]
-      no_hvp = jax.jit(functools.partial(hypergrad.unrolled_exact, loss_fn,
-                                         **dict(kw, lr=0.)))(*args)[0]
+      # r and lr are traced arguments: two compiles serve four results.
+      fd_fn = jax.jit(lambda r, *a: hypergrad.unrolled_fd(
+          loss_fn, *a, r=r, **kw)[0])
+      exact_fn = jax.jit(lambda lr, *a: hypergrad.unrolled_exact(
+          loss_fn, *a, **dict(kw, lr=lr))[0])
+      fd = fd_fn(jnp.float64(hypergrad.DARTS_FD_R), *args)
+      fd_small_r = fd_fn(jnp.float64(1e-5), *args)
+      exact = exact_fn(kw['lr'], *args)
+      no_hvp = exact_fn(jnp.zeros_like(kw['lr']), *args)
     flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
     f, e, e0 = flat(fd), flat(exact), flat(no_hvp)
     cosine = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
