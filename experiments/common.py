@@ -4,6 +4,7 @@ Only process 0 writes logs (JSON lines, TensorBoard events) and pictures; every
 process runs the same loop and takes part in checkpoints.
 """
 
+import glob
 import json
 import os
 import signal
@@ -162,3 +163,33 @@ class Timer:
 
   def __call__(self) -> float:
     return time.time() - self.start
+
+
+def read_alpha_history(workdir: str, primitives, epochs: Optional[int] = None):
+  """A search workdir's per-epoch architecture arrays (`alphas/epoch_*.npz`).
+
+  Args:
+    workdir: the search's workdir.
+    primitives: its op names.
+    epochs: read epochs 0 .. epochs - 1; None: every epoch file there is.
+
+  Returns:
+    (per epoch {cell type: mixing weights}, per epoch {cell type: raw
+    alphas}, or [] unless every epoch has raw alphas over all `primitives`).
+  """
+  if epochs is None:
+    paths = sorted(glob.glob(os.path.join(workdir, 'alphas', 'epoch_*.npz')))
+  else:
+    paths = [os.path.join(workdir, 'alphas', f'epoch_{e:03d}.npz')
+             for e in range(epochs)]
+  weights, alphas = [], []
+  for path in paths:
+    with np.load(path, allow_pickle=False) as f:
+      cells = [k[len('weights_'):] for k in f.files
+               if k.startswith('weights_')]
+      weights.append({c: f[f'weights_{c}'] for c in cells})
+      raw = {c: f[f'alpha_{c}'] for c in cells if f'alpha_{c}' in f.files}
+      if len(raw) == len(cells) and all(
+          a.shape[-1] == len(primitives) for a in raw.values()):
+        alphas.append(raw)
+  return weights, (alphas if len(alphas) == len(weights) else [])

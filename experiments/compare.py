@@ -24,6 +24,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from experiments import common
+
 _RUNS = flags.DEFINE_multi_string(
     'run', None, 'LABEL=WORKDIR of a search (repeat for each run).')
 _OUT = flags.DEFINE_string('out', None, 'Directory for the pictures.')
@@ -32,23 +34,13 @@ _OUT = flags.DEFINE_string('out', None, 'Directory for the pictures.')
 def load_run(workdir: str) -> Tuple[List[Dict[str, np.ndarray]],
                                     List[Dict[str, np.ndarray]], Sequence[str]]:
   """(per-epoch mixing weights, per-epoch raw alphas or [], primitives)."""
-  paths = sorted(glob.glob(os.path.join(workdir, 'alphas', 'epoch_*.npz')))
-  if not paths:
+  if not glob.glob(os.path.join(workdir, 'alphas', 'epoch_*.npz')):
     raise FileNotFoundError(f'{workdir}: no alphas/epoch_*.npz (is it a '
                             'search workdir with a finished epoch?)')
   with open(os.path.join(workdir, 'config.json')) as f:
     primitives = tuple(json.load(f)['primitives'])
-  weights, alphas = [], []
-  for path in paths:
-    with np.load(path, allow_pickle=False) as f:
-      cells = [k[len('weights_'):] for k in f.files
-               if k.startswith('weights_')]
-      weights.append({c: f[f'weights_{c}'] for c in cells})
-      raw = {c: f[f'alpha_{c}'] for c in cells if f'alpha_{c}' in f.files}
-      if len(raw) == len(cells) and all(
-          a.shape[-1] == len(primitives) for a in raw.values()):
-        alphas.append(raw)
-  return weights, (alphas if len(alphas) == len(weights) else []), primitives
+  weights, alphas = common.read_alpha_history(workdir, primitives)
+  return weights, alphas, primitives
 
 
 def compare(runs: Dict[str, str], out: str) -> List[str]:
@@ -68,7 +60,7 @@ def compare(runs: Dict[str, str], out: str) -> List[str]:
   if all(a for _, a, _ in loaded.values()):
     prims = {p for _, _, p in loaded.values()}
     if len(prims) == 1:
-      conv = np.array([p in ops.PARAMETRIC_OPS for p in prims.pop()])
+      conv = ops.parametric_mask(prims.pop())
       merged = [{f'{label} {c}': a for label, (_, alphas, _) in
                  loaded.items() for c, a in alphas[e].items()}
                 for e in range(epochs)]

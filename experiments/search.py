@@ -242,8 +242,8 @@ def _dropnas_problems(config) -> list:
   if not isinstance(w, int) or isinstance(w, bool) or w < 0:
     problems.append(f'warmup_epochs must be a non-negative integer, got {w!r}')
   prims = tuple(config.get('primitives', ()))
-  if all(p in ops.PARAMETRIC_OPS for p in prims) or not any(
-      p in ops.PARAMETRIC_OPS for p in prims):
+  conv = ops.parametric_mask(prims)
+  if conv.all() or not conv.any():
     problems.append('DropNAS drops ops in two groups, so primitives needs '
                     f'parametric ops ({", ".join(ops.PARAMETRIC_OPS)}) and '
                     f'parameter-free ones, got {prims}')
@@ -281,7 +281,7 @@ def _pdarts_problems(config) -> list:
   if config.get('space') == 'nb201' and any(config.get('add_layers', ())):
     problems.append('NAS-Bench-201 cells are fixed by the benchmark: set '
                     'add_layers to zeros (depth is cells_per_stage)')
-  if tuple(config.get('num_to_keep', ()))[-1:] != (1,):
+  if keep[-1:] != (1,):
     problems.append('the last pruning leaves the final op of each edge: end '
                     'num_to_keep with 1')
   if config.get('single_level'):
@@ -326,12 +326,13 @@ def search_splits(ds, config):
   return weights_half, arch_half
 
 
-def search_batches(ds, config, seed: int):
+def search_batches(ds, config, seed: int, splits=None):
   """The `jaxnas.data.SearchBatches` of `seed`: weights batches from the
   weights half, architecture batches from the held-out half, or with
-  `config.single_level` from the weights half too."""
+  `config.single_level` from the weights half too. `splits`: the
+  `search_splits` of `ds` if already made."""
   from jaxnas import data  # pylint: disable=g-import-not-at-top
-  weights_half, arch_half = search_splits(ds, config)
+  weights_half, arch_half = splits or search_splits(ds, config)
   augment = (data.Augment(config.crop_padding, config.flip)
              if config.crop_padding or config.flip else None)
   return data.SearchBatches(
@@ -509,25 +510,17 @@ def _epoch_outputs(workdir, epoch, state, genotype, primitives, mixing):
   # Only ops offered on every edge can share columns; both spaces' are.
   viz.plot_alpha_heatmap(weights, edge_labels, primitives,
                          os.path.join(workdir, 'alpha_heatmap.png'))
-  # DropNAS' groups: parametric ops vs the rest, drawn on the raw alphas.
-  conv = np.array([p in ops.PARAMETRIC_OPS for p in primitives])
-  raw = conv.any() and not conv.all() and all(
-      f'alpha_{t}' in arrays and arrays[f'alpha_{t}'].shape[-1] == len(
-          primitives) for t in weights)
-  history, alpha_history = [], []
-  for e in range(epoch + 1):
-    with np.load(os.path.join(workdir, 'alphas', f'epoch_{e:03d}.npz'),
-                 allow_pickle=False) as f:
-      history.append({t: f[f'weights_{t}'] for t in weights})
-      if raw:
-        alpha_history.append({t: f[f'alpha_{t}'] for t in weights})
+  history, alpha_history = common.read_alpha_history(workdir, primitives,
+                                                     epoch + 1)
   viz.plot_alpha_trajectories(history, primitives,
                               os.path.join(workdir, 'alpha_trajectories.png'),
                               edge_labels)
   viz.plot_entropy(history, os.path.join(workdir, 'entropy.png'))
-  if raw:
-    groups = {'parametric': conv, 'parameter-free': ~conv}
-    viz.plot_group_means(alpha_history, groups,
+  # DropNAS' groups: parametric ops vs the rest, drawn on the raw alphas.
+  conv = ops.parametric_mask(primitives)
+  if alpha_history and conv.any() and not conv.all():
+    viz.plot_group_means(alpha_history,
+                         {'parametric': conv, 'parameter-free': ~conv},
                          os.path.join(workdir, 'group_alphas.png'))
 
 
@@ -754,8 +747,8 @@ def search(config, workdir: str):
     eval_split = eval_split.take(np.arange(
         len(eval_split) // eval_batch_size * eval_batch_size))
   _, method = build(config, ds.num_classes, steps_per_epoch)
-  seeds = _Seeds(config, method,
-                 lambda seed: search_batches(ds, config, seed))
+  seeds = _Seeds(config, method, lambda seed: search_batches(
+      ds, config, seed, (weights_half, arch_half)))
   primitives = tuple(config.get('primitives', ops.DARTS_PRIMITIVES))
   chief = common.is_chief()
   rank, hosts = jax.process_index(), jax.process_count()
@@ -1028,12 +1021,12 @@ def search_stages(config, workdir: str):
   from jaxnas import parallel  # pylint: disable=g-import-not-at-top
   from jaxnas.methods import pdarts  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import darts as darts_space  # pylint: disable=g-import-not-at-top
+  from jaxnas.spaces import nb201  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import viz  # pylint: disable=g-import-not-at-top
   if config.get('distributed', False):
     parallel.initialize_distributed(config.get('coordinator_address'),
                                     config.get('num_processes'),
                                     config.get('process_id'))
-  from jaxnas.spaces import nb201  # pylint: disable=g-import-not-at-top
   primitives = tuple(config.primitives)
   nb = config.get('space') == 'nb201'
   cell_types = stage_cell_types(config)
@@ -1041,7 +1034,7 @@ def search_stages(config, workdir: str):
            len(primitives))
   switches = {t: np.ones(shape, bool) for t in cell_types}
   stages = len(config.num_to_keep)
-  record = []
+  after = []  # the switches after each stage
   chief = common.is_chief()
   for s in range(stages):
     if chief:
@@ -1060,17 +1053,16 @@ def search_stages(config, workdir: str):
                                 n_on - config.num_to_keep[s], primitives,
                                 drop_none=s == stages - 1)
                 for t in cell_types}
-    record.append({t: pdarts.edge_ops(switches[t], primitives)
-                   for t in cell_types})
+    after.append(switches)
   if chief:
-    common.atomic_write(os.path.join(workdir, 'switches.json'),
-                        json.dumps(record, indent=1))
-    viz.plot_switches([{t: np.array([[p in e for p in primitives]
-                                      for e in r[t]]) for t in r}
-                       for r in record], primitives,
+    common.atomic_write(os.path.join(workdir, 'switches.json'), json.dumps(
+        [{t: pdarts.edge_ops(sw[t], primitives) for t in sw} for sw in after],
+        indent=1))
+    viz.plot_switches(after, primitives,
                       os.path.join(workdir, 'switches.png'))
   if nb:
-    return state, _nb201_stages_final(config, workdir, record[-1]['cell'])
+    return state, _nb201_stages_final(
+        config, workdir, pdarts.edge_ops(switches['cell'], primitives))
   genotype, capped = pdarts.derive_final(probs, before, switches, primitives,
                                          steps=config.steps)
   final = capped[min(config.max_skips, max(capped))]

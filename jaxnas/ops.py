@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from jaxnas import parallel
 
@@ -62,6 +63,11 @@ POOL_OPS = ('max_pool_3x3', 'avg_pool_3x3')
 # spaces.
 PARAMETRIC_OPS = ('sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3',
                   'dil_conv_5x5', 'nor_conv_1x1', 'nor_conv_3x3')
+
+
+def parametric_mask(primitives: Sequence[str]) -> np.ndarray:
+  """[K] bool: which of `primitives` are in `PARAMETRIC_OPS`."""
+  return np.array([p in PARAMETRIC_OPS for p in primitives], bool)
 
 # PyTorch's default initialisation for conv and linear kernels.
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in',

@@ -66,8 +66,7 @@ RAW_ALPHAS = arch_lib.Parametrisation(
 def op_groups(primitives: Sequence[str]) -> np.ndarray:
   """[K] group id per op: 0 parametric (`ops.PARAMETRIC_OPS`: the
   convolutions), 1 the rest (pools, skip, 'none')."""
-  return np.array([0 if p in ops.PARAMETRIC_OPS else 1 for p in primitives],
-                  np.int32)
+  return np.where(ops.parametric_mask(primitives), 0, 1).astype(np.int32)
 
 
 def drop_probabilities(groups: np.ndarray,
