@@ -13,6 +13,21 @@ import threading
 import time
 from typing import Optional
 
+
+
+def xla_flags(devices: int, flags: str = '') -> str:
+  """XLA_FLAGS for a test process: `devices` fake CPU devices and a cheap
+  LLVM backend (the tests' programs are compile-bound), on top of `flags`
+  (a device count or optimisation level already there is kept)."""
+  flags = flags.split()
+  if not any(f.startswith('--xla_force_host_platform_device_count')
+             for f in flags):
+    flags.append(f'--xla_force_host_platform_device_count={devices}')
+  if not any(f.startswith('--xla_backend_optimization_level') for f in flags):
+    flags.append('--xla_backend_optimization_level=0')
+  return ' '.join(flags)
+
+
 SHARED_DATA = os.path.normpath(os.path.join(
     os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data'))
 CIFAR10_TARBALL = os.path.join(SHARED_DATA, 'cifar10',

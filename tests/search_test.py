@@ -100,7 +100,7 @@ class SearchRunTest(absltest.TestCase):
     # Two devices: the pmap path, without 8 programs sharing 2 cores.
     cls.env = dict(os.environ, JAXNAS_CACHE_DIR=os.path.join(cls.tmp, 'xla'),
                    PYTHONPATH=ROOT,
-                   XLA_FLAGS='--xla_force_host_platform_device_count=2')
+                   XLA_FLAGS=fixtures.xla_flags(2))
     cls.ref = os.path.join(cls.tmp, 'ref')
     proc = cls.run_search(cls.ref)
     if proc.returncode:
@@ -346,7 +346,7 @@ class MultiHostTest(absltest.TestCase):
       sock.bind(('localhost', 0))
       port = sock.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-               XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               XLA_FLAGS=fixtures.xla_flags(4),
                JAXNAS_CACHE_DIR='')
     workdir = os.path.join(tmp, 'wd')
     procs = [subprocess.Popen(
