@@ -193,3 +193,85 @@ def read_alpha_history(workdir: str, primitives, epochs: Optional[int] = None):
           a.shape[-1] == len(primitives) for a in raw.values()):
         alphas.append(raw)
   return weights, (alphas if len(alphas) == len(weights) else [])
+
+
+def all_processes(value: int) -> list:
+  """`value` of every process, in process order (all must call it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(
+      multihost_utils.process_allgather(np.int32(value))).ravel().tolist()
+
+
+def any_process(flag: int) -> int:
+  """The largest `flag` over all processes (every process must call it)."""
+  return max(all_processes(flag))
+
+
+def check_local_workdir(workdir: str) -> None:
+  """Raises ValueError for a URL workdir (logs use local file I/O)."""
+  if '://' in workdir:
+    raise ValueError(
+        f'workdir {workdir!r}: logs, genotypes and pictures are written with '
+        'local file I/O; use a local or mounted path (on a pod, shared storage '
+        'such as NFS or a gcsfuse mount of the bucket)')
+
+
+class PendingMetrics:
+  """Step metrics left on the devices until a log point, then fetched in one
+  host sync, checked for non-finite values and summed for the epoch.
+
+  Args:
+    get: maps a step's (possibly replicated) metrics to one copy.
+    advice: `() -> str`, what the error tells the user (e.g. the last
+      checkpoint).
+    steps_per_epoch: to name a bad step's epoch too.
+  """
+
+  def __init__(self, get, advice, steps_per_epoch: int):
+    self._get, self._advice = get, advice
+    self._steps_per_epoch = steps_per_epoch
+    self.pending = []
+    self.sums: Dict[str, Any] = {}
+    self.count = 0
+
+  def append(self, step: int, metrics) -> None:
+    self.pending.append((step, metrics))
+
+  def flush(self):
+    """Fetches and sums the pending metrics; returns the last step's (or
+    None). Raises FloatingPointError on a non-finite value."""
+    import jax  # pylint: disable=g-import-not-at-top
+    fetched = jax.device_get([self._get(m) for _, m in self.pending])
+    for (s, _), m in zip(self.pending, fetched):
+      bad = {k: np.asarray(v).tolist() for k, v in m.items()
+             if not np.all(np.isfinite(v))}
+      if bad:
+        raise FloatingPointError(
+            f'non-finite metrics at step {s} (epoch '
+            f'{s // self._steps_per_epoch}): {bad}. {self._advice()}')
+      for k, v in m.items():
+        self.sums[k] = self.sums.get(k, 0.) + np.asarray(v, np.float64)
+      self.count += 1
+    last = fetched[-1] if fetched else None
+    self.pending.clear()
+    return last
+
+  def means(self) -> Dict[str, Any]:
+    return {k: v / self.count for k, v in self.sums.items()}
+
+  def reset(self) -> None:
+    self.sums, self.count = {}, 0
+
+
+def evaluate(eval_fn, state, batches, put_batch, get) -> Dict[str, Any]:
+  """Sums `eval_fn(state, batch)` over `batches` (host float64 arrays)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  totals = {}
+  for b in batches:
+    out = jax.device_get(get(eval_fn(state, put_batch(b))))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
+  return totals

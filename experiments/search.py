@@ -656,22 +656,6 @@ def _method_summary(config) -> str:
   return f'order={config.order}, {level}'
 
 
-def _all_processes(value: int) -> list:
-  """`value` of every process, in process order (all must call it)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  if jax.process_count() == 1:
-    return [value]
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(
-      multihost_utils.process_allgather(np.int32(value))).ravel().tolist()
-
-
-def _any_process(flag: int) -> int:
-  """The largest `flag` over all processes (every process must call it)."""
-  return max(_all_processes(flag))
-
-
 def search(config, workdir: str):
   """Runs (or resumes) the search of `config` in `workdir`.
 
@@ -703,11 +687,10 @@ def search(config, workdir: str):
     parallel.initialize_distributed(config.get('coordinator_address'),
                                     config.get('num_processes'),
                                     config.get('process_id'))
-  if '://' in workdir:
-    raise ConfigError(
-        f'workdir {workdir!r}: logs, genotypes and pictures are written with '
-        'local file I/O; use a local or mounted path (on a pod, shared storage '
-        'such as NFS or a gcsfuse mount of the bucket)')
+  try:
+    common.check_local_workdir(workdir)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   try:
     par = parallel.DataParallel(config.get('parallel', 'pmap'),
                                 config.get('num_devices'))
@@ -762,15 +745,18 @@ def search(config, workdir: str):
                                  max_to_keep=config.keep_checkpoints)
   sample = seeds.batches[0].batch(0)['train']['image'][:1]
   start = ckpt.latest_step()
-  if len(set(_all_processes(-1 if start is None else start))) > 1:
+  if len(set(common.all_processes(-1 if start is None else start))) > 1:
     raise checkpoint.CheckpointError(
         f'the processes see different checkpoints in {workdir}: the workdir '
         'must be storage shared by all of them')
   num_cells = (3 * config.cells_per_stage + 2 if config.get('space') == 'nb201'
                else config.layers)  # NB-201: N cells x 3 + 2 ResNet blocks
+  pending = common.PendingMetrics(par.get_state, lambda: (
+      'Lower the learning rates or check the data. The last good checkpoint '
+      f'is step {ckpt.latest_step()} in {workdir} (nothing after it was '
+      'saved).'), steps_per_epoch)
   if start is None:
     state = par.put_state(seeds.init(sample))
-    sums, count = {}, 0
     held_out = ('test examples for evaluation' if config.train_portion == 1
                 else 'held out for evaluation')
     halves = (f'{len(weights_half)} examples for weights and architecture, '
@@ -791,8 +777,8 @@ def search(config, workdir: str):
     state, meta = ckpt.restore(par.restore_target(abstract), start,
                                expect={'config_fingerprint': fingerprint})
     state = par.from_global(state)
-    sums = {k: np.asarray(v) for k, v in meta['epoch_sums'].items()}
-    count = meta['epoch_count']
+    pending.sums = {k: np.asarray(v) for k, v in meta['epoch_sums'].items()}
+    pending.count = meta['epoch_count']
     msg = f'resuming {workdir} from step {start} of {total_steps}'
   start = start or 0
   if chief:
@@ -806,7 +792,6 @@ def search(config, workdir: str):
 
   step_fn = par.step(seeds.step)
   eval_fn = par.step(seeds.eval_step, donate=False)
-  pending = []  # (step, device metrics) not yet fetched
 
   def scalars(values):
     """Metric arrays (per seed with num_seeds > 1) as loggable numbers."""
@@ -818,39 +803,19 @@ def search(config, workdir: str):
         out[f'{k}_seeds'] = v.tolist()
     return out
 
-  def flush():
-    """Fetches pending metrics (one host sync), checks them, adds them up."""
-    nonlocal count
-    fetched = jax.device_get([par.get_state(m) for _, m in pending])
-    for (s, _), m in zip(pending, fetched):
-      bad = {k: np.asarray(v).tolist() for k, v in m.items()
-             if not np.all(np.isfinite(v))}
-      if bad:
-        raise FloatingPointError(
-            f'non-finite metrics at step {s} (epoch {s // steps_per_epoch}): '
-            f'{bad}. Lower the learning rates or check the data. The last '
-            f'good checkpoint is step {ckpt.latest_step()} in {workdir} '
-            '(nothing after it was saved).')
-      for k, v in m.items():
-        sums[k] = sums.get(k, 0.) + np.asarray(v, np.float64)
-      count += 1
-    last = fetched[-1] if fetched else None
-    pending.clear()
-    return last
-
   saved = start  # the last step checkpointed
 
   def save(step):
     nonlocal saved
-    flush()
+    pending.flush()
     if saved == step:
       return
     saved = step
     ckpt.save(step, par.to_global(state),
               {'config_fingerprint': fingerprint, 'step': step,
                'epoch_sums': {k: np.asarray(v).tolist()
-                              for k, v in sums.items()},
-               'epoch_count': count}, force=True)
+                              for k, v in pending.sums.items()},
+               'epoch_count': pending.count}, force=True)
 
   def derive_all():
     host = jax.device_get(par.get_state(state))
@@ -866,7 +831,7 @@ def search(config, workdir: str):
       for step in range(start, total_steps):
         epoch, i = divmod(step, steps_per_epoch)
         state, metrics = step_fn(state, put_batch(seeds.batch(step)))
-        pending.append((step, metrics))
+        pending.append(step, metrics)
         done = step + 1
         if step == start:
           jax.block_until_ready(metrics)
@@ -874,19 +839,16 @@ def search(config, workdir: str):
         logged = (config.log_every_steps and
                   done % config.log_every_steps == 0)
         if logged or i == steps_per_epoch - 1:
-          last = scalars(flush())
+          last = scalars(pending.flush())
           progress.update(0, loss=f"{last['train_loss']:.3f}")
           if logged:
             log.write(done, last, prefix='train/')
         progress.update(1)
         if i == steps_per_epoch - 1:
-          record = scalars({k: v / count for k, v in sums.items()})
-          totals = {}
-          for b in data.eval_batches(eval_split, eval_batch_size,
-                                     ds.mean, ds.std):
-            out = jax.device_get(par.get_state(eval_fn(state, put_batch(b))))
-            for k, v in out.items():
-              totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
+          record = scalars(pending.means())
+          totals = common.evaluate(eval_fn, state, data.eval_batches(
+              eval_split, eval_batch_size, ds.mean, ds.std), put_batch,
+                                   par.get_state)
           valid_acc = totals['correct'] / totals['count']
           record.update(scalars({
               'valid_loss': totals['loss_sum'] / totals['count'],
@@ -933,7 +895,7 @@ def search(config, workdir: str):
                     ' (mean over seeds)' if seeds.many else
                     f" (index {reports[0]['index']})")
           progress.write(text)
-          sums, count = {}, 0
+          pending.reset()
         checkpointed = (done == total_steps or
                         done % config.checkpoint_every_steps == 0)
         if checkpointed:
@@ -941,8 +903,8 @@ def search(config, workdir: str):
         # One process's signal stops all: they agree at points every process
         # reaches (a host round trip, so not after every step on a pod).
         synced = logged or checkpointed or i == steps_per_epoch - 1
-        signum = (_any_process(signals.received or 0) if synced or hosts == 1
-                  else 0)
+        signum = (common.any_process(signals.received or 0)
+                  if synced or hosts == 1 else 0)
         if signum:
           save(done)
           ckpt.wait()

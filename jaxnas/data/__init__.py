@@ -12,12 +12,14 @@ Synopsis:
 """
 
 from jaxnas.data.pipeline import Augment
+from jaxnas.data.pipeline import cutout_mask
 from jaxnas.data.pipeline import Dataset
 from jaxnas.data.pipeline import eval_batches
 from jaxnas.data.pipeline import host_slice
 from jaxnas.data.pipeline import SearchBatches
 from jaxnas.data.pipeline import Split
 from jaxnas.data.pipeline import split
+from jaxnas.data.pipeline import TrainBatches
 from jaxnas.data.sources import image_folder
 from jaxnas.data.sources import load
 from jaxnas.data.sources import SOURCES

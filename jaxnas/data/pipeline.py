@@ -65,9 +65,13 @@ class Dataset:
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
-  """Training augmentation: random crop after zero padding, random h-flip."""
+  """Training augmentation: random crop after zero padding, random h-flip,
+  and Cutout (`cutout` > 0: one `cutout` x `cutout` square per image, set to
+  zero after normalisation, its centre uniform over the image and the
+  square clipped at the borders, as the reference's `utils.Cutout`)."""
   crop_padding: int = 4
   flip: bool = True
+  cutout: int = 0
 
 
 def split(data: Split, portion: float = 0.5):
@@ -106,6 +110,65 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator,
   return images
 
 
+def cutout_mask(n: int, height: int, width: int, length: int,
+                rng: np.random.Generator) -> np.ndarray:
+  """[n, height, width] booleans, False on each image's cutout square."""
+  cy = rng.integers(0, height, n)
+  cx = rng.integers(0, width, n)
+  y0 = np.clip(cy - length // 2, 0, height)[:, None, None]
+  y1 = np.clip(cy + length // 2, 0, height)[:, None, None]
+  x0 = np.clip(cx - length // 2, 0, width)[:, None, None]
+  x1 = np.clip(cx + length // 2, 0, width)[:, None, None]
+  ys = np.arange(height)[None, :, None]
+  xs = np.arange(width)[None, None, :]
+  return ~((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1))
+
+
+def _finish(data: Split, idx: np.ndarray, *, seed: int, stream: int,
+            step: int, augment: Optional[Augment], mean, std) -> dict:
+  """Gathers rows `idx`, augments with a generator seeded by (seed, stream,
+  step), normalises, applies Cutout."""
+  images = data.images[idx]
+  rng = np.random.default_rng([seed, stream, step])
+  if augment is not None:
+    images = augment_batch(images, rng, augment)
+  images = normalise(images, mean, std)
+  if augment is not None and augment.cutout:
+    n, h, w, _ = images.shape
+    images = images * cutout_mask(n, h, w, augment.cutout, rng)[..., None]
+  return {'image': images, 'label': data.labels[idx].astype(np.int32)}
+
+
+class TrainBatches:
+  """Training batches as a function of step: epoch `step // steps_per_epoch`
+  is a permutation of `data` seeded by (seed, epoch), cut into
+  `steps_per_epoch` full batches (the last partial batch is dropped);
+  augmentation is seeded by (seed, step). Resuming at any step replays the
+  batches of an uninterrupted run.
+  """
+
+  def __init__(self, data: Split, *, batch_size: int, seed: int,
+               augment: Optional[Augment], mean, std, stream: int = 2):
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+    if len(data) < batch_size:
+      raise ValueError(f'the split has {len(data)} examples, fewer than one '
+                       f'batch of {batch_size}')
+    self.data, self.batch_size, self.seed = data, batch_size, seed
+    self.augment, self.mean, self.std = augment, mean, std
+    self.stream = stream
+    self.steps_per_epoch = len(data) // batch_size
+
+  def batch(self, step: int) -> dict:
+    epoch, i = divmod(step, self.steps_per_epoch)
+    perm = np.random.default_rng([self.seed, 0, epoch]).permutation(
+        len(self.data))
+    idx = np.sort(perm[i * self.batch_size:(i + 1) * self.batch_size])
+    return _finish(self.data, idx, seed=self.seed, stream=self.stream,
+                   step=step, augment=self.augment, mean=self.mean,
+                   std=self.std)
+
+
 class SearchBatches:
   """Weights / architecture batches of a bilevel search as functions of step.
 
@@ -134,28 +197,20 @@ class SearchBatches:
     self.weights_split, self.arch_split = weights_split, arch_split
     self.batch_size, self.seed, self.augment = batch_size, seed, augment
     self.mean, self.std = mean, std
-    self.steps_per_epoch = len(weights_split) // batch_size
-
-  def _finish(self, data: Split, idx: np.ndarray, stream: int, step: int):
-    images = data.images[idx]
-    if self.augment is not None:
-      rng = np.random.default_rng([self.seed, stream, step])
-      images = augment_batch(images, rng, self.augment)
-    return {'image': normalise(images, self.mean, self.std),
-            'label': data.labels[idx].astype(np.int32)}
+    self._weights = TrainBatches(weights_split, batch_size=batch_size,
+                                 seed=seed, augment=augment, mean=mean,
+                                 std=std)
+    self.steps_per_epoch = self._weights.steps_per_epoch
 
   def weights_batch(self, step: int) -> dict:
-    epoch, i = divmod(step, self.steps_per_epoch)
-    perm = np.random.default_rng([self.seed, 0, epoch]).permutation(
-        len(self.weights_split))
-    idx = np.sort(perm[i * self.batch_size:(i + 1) * self.batch_size])
-    return self._finish(self.weights_split, idx, 2, step)
+    return self._weights.batch(step)
 
   def arch_batch(self, step: int) -> dict:
     rng = np.random.default_rng([self.seed, 1, step])
     idx = np.sort(rng.choice(len(self.arch_split), self.batch_size,
                              replace=False))
-    return self._finish(self.arch_split, idx, 3, step)
+    return _finish(self.arch_split, idx, seed=self.seed, stream=3, step=step,
+                   augment=self.augment, mean=self.mean, std=self.std)
 
   def batch(self, step: int) -> dict:
     """`{'train': weights batch, 'val': architecture batch}` of `step`."""

@@ -253,3 +253,110 @@ def format_counts(counts: Mapping) -> str:
       items = ', '.join(f'{k} {v}/{n}' for k, v in counts[cell][what].items())
       lines.append(f'  {cell} {what}: {items}')
   return '\n'.join(lines)
+
+
+# Published cells, as their reference code ships them (searched on CIFAR-10),
+# read from the repositories at the commits ../shared/methods/ cites.
+PUBLISHED = {
+    # quark0/darts cnn/genotypes.py: first- and second-order DARTS (the paper's
+    # 3.00% and 2.76% CIFAR-10 results; DARTS = DARTS_V2).
+    'DARTS_V1': Genotype(
+        normal=[('sep_conv_3x3', 1), ('sep_conv_3x3', 0),
+                ('skip_connect', 0), ('sep_conv_3x3', 1),
+                ('skip_connect', 0), ('sep_conv_3x3', 1),
+                ('sep_conv_3x3', 0), ('skip_connect', 2)],
+        normal_concat=[2, 3, 4, 5],
+        reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1),
+                ('skip_connect', 2), ('max_pool_3x3', 0),
+                ('max_pool_3x3', 0), ('skip_connect', 2),
+                ('skip_connect', 2), ('avg_pool_3x3', 0)],
+        reduce_concat=[2, 3, 4, 5]),
+    'DARTS_V2': Genotype(
+        normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1),
+                ('sep_conv_3x3', 0), ('sep_conv_3x3', 1),
+                ('sep_conv_3x3', 1), ('skip_connect', 0),
+                ('skip_connect', 0), ('dil_conv_3x3', 2)],
+        normal_concat=[2, 3, 4, 5],
+        reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1),
+                ('skip_connect', 2), ('max_pool_3x3', 1),
+                ('max_pool_3x3', 0), ('skip_connect', 2),
+                ('skip_connect', 2), ('max_pool_3x3', 1)],
+        reduce_concat=[2, 3, 4, 5]),
+    # chenxin061/pdarts genotypes.py PDARTS (2.50% CIFAR-10, 24.4% ImageNet).
+    'PDARTS': Genotype(
+        normal=[('skip_connect', 0), ('dil_conv_3x3', 1),
+                ('skip_connect', 0), ('sep_conv_3x3', 1),
+                ('sep_conv_3x3', 1), ('sep_conv_3x3', 3),
+                ('sep_conv_3x3', 0), ('dil_conv_5x5', 4)],
+        normal_concat=[2, 3, 4, 5],
+        reduce=[('avg_pool_3x3', 0), ('sep_conv_5x5', 1),
+                ('sep_conv_3x3', 0), ('dil_conv_5x5', 2),
+                ('max_pool_3x3', 0), ('dil_conv_3x3', 1),
+                ('dil_conv_3x3', 1), ('dil_conv_5x5', 3)],
+        reduce_concat=[2, 3, 4, 5]),
+    # wiljohnhong/DropNAS README.md, "Augment": "the genotype we found on
+    # CIFAR10" (pt.darts' per-node lists, flattened in order).
+    'DROPNAS': Genotype(
+        normal=[('sep_conv_3x3', 1), ('skip_connect', 0),
+                ('sep_conv_3x3', 1), ('sep_conv_3x3', 0),
+                ('sep_conv_3x3', 1), ('sep_conv_3x3', 0),
+                ('dil_conv_5x5', 4), ('dil_conv_3x3', 1)],
+        normal_concat=[2, 3, 4, 5],
+        reduce=[('max_pool_3x3', 0), ('sep_conv_5x5', 1),
+                ('dil_conv_5x5', 2), ('sep_conv_5x5', 1),
+                ('dil_conv_5x5', 3), ('dil_conv_5x5', 2),
+                ('dil_conv_5x5', 3), ('dil_conv_5x5', 4)],
+        reduce_concat=[2, 3, 4, 5]),
+    # GAEA (liamcli/gaea_release) ships no cell labelled as its result; ROME
+    # has no public code; NAO-V2's cells are of another space.
+}
+PUBLISHED['DARTS'] = PUBLISHED['DARTS_V2']
+
+
+def named(name: str) -> Genotype:
+  """A published genotype by name (`PUBLISHED`'s keys)."""
+  if name not in PUBLISHED:
+    raise ValueError(f'no published genotype {name!r}; known: '
+                     f'{sorted(PUBLISHED)}')
+  return PUBLISHED[name]
+
+
+def load(path_or_name: str) -> Genotype:
+  """A genotype from a published name, 'random:SEED' (`random_genotype`
+  seeded by SEED: the random baseline), a genotype.json file (as searches
+  write it) or a file holding the printed form `Genotype(normal=...)`."""
+  if path_or_name in PUBLISHED:
+    return PUBLISHED[path_or_name]
+  if path_or_name.startswith('random:'):
+    seed = path_or_name[len('random:'):]
+    if not seed.isdigit():
+      raise ValueError(f"'random:SEED' needs an integer seed, got {seed!r}")
+    return random_genotype(np.random.default_rng(int(seed)))
+  try:
+    with open(path_or_name) as f:
+      text = f.read()
+  except OSError as e:
+    raise ValueError(
+        f'{path_or_name!r} is neither a published genotype '
+        f'({", ".join(sorted(PUBLISHED))}) nor a readable file: {e}') from e
+  if text.lstrip().startswith('Genotype('):
+    return Genotype.from_string(text)
+  return Genotype.from_json(text)
+
+
+def random_genotype(rng: np.random.Generator, steps: int = 4,
+                    primitives: Sequence[str] = ops.DARTS_PRIMITIVES
+                    ) -> Genotype:
+  """A uniformly random cell pair: per node two distinct inputs and an op
+  other than 'none' for each (the DARTS paper's random baseline samples
+  cells this way)."""
+  choices = [p for p in primitives if p != 'none']
+  cells = {}
+  for cell_type in ('normal', 'reduce'):
+    gene = []
+    for i in range(steps):
+      for j in sorted(rng.choice(2 + i, 2, replace=False)):
+        gene.append((choices[rng.integers(len(choices))], int(j)))
+    cells[cell_type] = gene
+  concat = list(range(2, 2 + steps))
+  return Genotype(cells['normal'], concat, cells['reduce'], list(concat))

@@ -469,3 +469,37 @@ class SearchNetwork(nn.Module):
         kernel_init=ops.torch_kernel_init,
         bias_init=ops.torch_bias_init(out.shape[-1]),
         name='classifier')(out)
+
+
+class InferNetwork(nn.Module):
+  """The network NAS-Bench-201 trained for one architecture string (AutoDL's
+  TinyNetwork with InferCells): `SearchNetwork`'s skeleton with one op per
+  edge and affine BatchNorms that track running statistics.
+
+  Called as `net.apply(variables, images, train)`, returning
+  `(logits, None)` like the DARTS evaluation networks (no auxiliary head).
+  NB-201's training has no drop path: `drop_path` is accepted for the same
+  signature and ignored. Parameters live under 'network'.
+
+  Attributes:
+    arch: an architecture string `|op~0|+|op~0|op~1|+|op~0|op~1|op~2|`.
+    C, N, num_classes: as `SearchNetwork` (NB-201 trains C=16, N=5).
+    bn_axis_name: if set, BatchNorm statistics are averaged over this axis.
+  """
+  arch: str
+  C: int = 16
+  N: int = 5
+  num_classes: int = 10
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool,
+               drop_path: Optional[jax.Array] = None):
+    del drop_path
+    arch = Arch.from_string(self.arch)
+    net = SearchNetwork(self.C, self.N, self.num_classes, affine=True,
+                        track_running_stats=True,
+                        bn_axis_name=self.bn_axis_name,
+                        cell_ops=tuple((op,) for op in arch.ops),
+                        name='network')
+    return net(x, {'cell': jnp.ones((NUM_EDGES, 1), x.dtype)}, train), None

@@ -64,6 +64,46 @@ class PipelineTest(absltest.TestCase):
              for _ in range(20)]
     self.assertTrue(any(np.array_equal(f, ramp[:, :, ::-1]) for f in flips))
 
+  def test_cutout_masks_one_clipped_square(self):
+    rng = np.random.default_rng(0)
+    masks = data.cutout_mask(2000, 32, 32, 16, rng)
+    interior = 0
+    for m in masks:
+      ys, xs = np.nonzero(~m)
+      y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+      # The zeros fill one axis-aligned rectangle exactly.
+      self.assertEqual(len(ys), (y1 - y0) * (x1 - x0))
+      self.assertTrue(np.all(~m[y0:y1, x0:x1]))
+      # A side is 16 unless the square was clipped at that border.
+      for lo, hi in ((y0, y1), (x0, x1)):
+        self.assertLessEqual(hi - lo, 16)
+        if hi - lo < 16:
+          self.assertTrue(lo == 0 or hi == 32, (lo, hi))
+      interior += (y1 - y0, x1 - x0) == (16, 16)
+    # Centres uniform over 32x32: the square fits when 8 <= cy, cx <= 24
+    # (17 of 32 values each): (17/32)^2 = 0.28 of the images.
+    self.assertBetween(interior / 2000, 0.24, 0.32)
+
+  def test_train_batches_cut_out_after_normalising(self):
+    split = _split(40, 8)
+    kw = dict(batch_size=8, seed=3, mean=(0.5,), std=(50.,))  # no 0 left
+    plain = data.TrainBatches(split, augment=data.Augment(1, True), **kw)
+    cut = data.TrainBatches(split, augment=data.Augment(1, True, cutout=4),
+                            **kw)
+    self.assertEqual(plain.steps_per_epoch, 5)
+    for step in (0, 7):
+      a, b = plain.batch(step), cut.batch(step)
+      np.testing.assert_array_equal(a['label'], b['label'])
+      hole = b['image'] != a['image']
+      # Only zeros differ, and every image has a hole of at most 4x4.
+      np.testing.assert_array_equal(b['image'][hole], 0.)
+      counts = (b['image'] == 0).reshape(8, -1).sum(1)
+      self.assertTrue(np.all((counts >= 1) & (counts <= 16)), counts)
+    # An epoch visits every example once.
+    seen = np.concatenate([plain.batch(s)['label'] for s in range(5)])
+    np.testing.assert_array_equal(np.bincount(seen, minlength=10),
+                                  np.full(10, 4))
+
   def test_eval_batches_pad_with_negative_labels(self):
     batches = list(data.eval_batches(_split(10), 4, (0.,), (1.,)))
     self.assertLen(batches, 3)
