@@ -31,6 +31,7 @@ Workdir layout:
 import json
 import os
 import sys
+from typing import Any, NamedTuple
 
 from absl import app
 from absl import flags
@@ -209,22 +210,15 @@ def train(config, workdir: str, genotype: str = None):
                       f'the {par.num_devices} devices')
   eval_batch_size = -(-config.eval_batch_size // par.num_devices) * (
       par.num_devices)
-  ds = data.load(config.dataset, config.data_dir)
-  if ds.test is None:
-    raise ConfigError(f'{config.dataset} has no test split to report')
-  batches = data.TrainBatches(
-      ds.train, batch_size=config.batch_size, seed=config.seed,
-      augment=data.Augment(config.crop_padding, config.flip, config.cutout),
-      mean=ds.mean, std=ds.std)
+  rank, hosts = jax.process_index(), jax.process_count()
+  feed = _data(config, eval_batch_size, rank, hosts)
+  batches = feed.batches
   steps_per_epoch = batches.steps_per_epoch
   if config.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
   total_steps = config.epochs * steps_per_epoch
-  test = ds.test
-  if config.max_eval_examples:
-    test = test.take(np.arange(min(config.max_eval_examples, len(test))))
-  image_shape = ds.train.images.shape[1:]
-  net = build_network(config, arch, ds.num_classes,
+  image_shape = feed.image_shape
+  net = build_network(config, arch, feed.num_classes,
                       parallel.AXIS if config.sync_bn else None)
   summary = network_summary(net, (1,) + image_shape)
   schedule, tx = make_optimizer(config, steps_per_epoch)
@@ -233,10 +227,11 @@ def train(config, workdir: str, genotype: str = None):
       drop_path_prob=config.drop_path_prob,
       aux_weight=config.aux_weight if config.auxiliary else 0.,
       label_smoothing=config.label_smoothing)
-  rank, hosts = jax.process_index(), jax.process_count()
 
-  def put_batch(global_batch):
-    return par.put_batch(data.host_slice(global_batch, rank, hosts))
+  def put_batch(batch):
+    if feed.host_local:  # already this host's rows
+      return par.put_batch(batch)
+    return par.put_batch(data.host_slice(batch, rank, hosts))
 
   config_dict = dict(config.to_dict(), genotype=str(arch))
   fingerprint = checkpoint.config_fingerprint(config_dict, RESUME_IGNORE)
@@ -257,8 +252,8 @@ def train(config, workdir: str, genotype: str = None):
   if start is None:
     state = par.put_state(init())
     msg = (_summary_text(config, arch, summary, image_shape[0],
-                         ds.num_classes) +
-           f'\ntraining on {config.dataset}: {len(ds.train)} examples, '
+                         feed.num_classes) +
+           f'\ntraining on {config.dataset}: {feed.num_train} examples, '
            f'{config.epochs} epochs x {steps_per_epoch} steps of '
            f'{config.batch_size}, {par.num_devices} device(s)')
   else:
@@ -296,8 +291,8 @@ def train(config, workdir: str, genotype: str = None):
                'epoch_count': pending.count}, force=True)
 
   def test_metrics():
-    t = common.evaluate(eval_fn, state, data.eval_batches(
-        test, eval_batch_size, ds.mean, ds.std), put_batch, par.get_state)
+    t = common.evaluate(eval_fn, state, feed.eval_batches(), put_batch,
+                        par.get_state)
     return {'test_loss': float(t['loss_sum'] / t['count']),
             'test_acc': float(t['correct'] / t['count']),
             'test_top5': float(t['correct5'] / t['count'])}
@@ -370,6 +365,46 @@ def train(config, workdir: str, genotype: str = None):
           f'in {workdir}/checkpoints/{total_steps}, result.json written',
           flush=True)
   return jax.device_get(par.get_state(state)), result
+
+
+class _Feed(NamedTuple):
+  batches: Any            # .batch(step), .steps_per_epoch
+  eval_batches: Any       # () -> iterator of evaluation batches
+  host_local: bool        # batches hold this host's rows only
+  num_train: int
+  num_classes: int
+  image_shape: tuple
+
+
+def _data(config, eval_batch_size: int, rank: int, hosts: int) -> _Feed:
+  """Training and test batches: in memory (CIFAR-size datasets), or read by
+  index from tfds' array_record files (imagenet2012)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxnas import data  # pylint: disable=g-import-not-at-top
+  if config.dataset == 'imagenet2012':
+    from jaxnas.data import imagenet  # pylint: disable=g-import-not-at-top
+    train_src, val_src = imagenet.sources(config.data_dir)
+    batches = imagenet.ImageNetBatches(
+        train_src, batch_size=config.batch_size, seed=config.seed,
+        process_index=rank, process_count=hosts)
+    return _Feed(batches, lambda: imagenet.eval_batches(
+        val_src, eval_batch_size, process_index=rank, process_count=hosts,
+        max_examples=config.max_eval_examples), True, len(train_src),
+                 train_src.dataset_info.features['label'].num_classes,
+                 (224, 224, 3))
+  ds = data.load(config.dataset, config.data_dir)
+  if ds.test is None:
+    raise ConfigError(f'{config.dataset} has no test split to report')
+  batches = data.TrainBatches(
+      ds.train, batch_size=config.batch_size, seed=config.seed,
+      augment=data.Augment(config.crop_padding, config.flip, config.cutout),
+      mean=ds.mean, std=ds.std)
+  test = ds.test
+  if config.max_eval_examples:
+    test = test.take(np.arange(min(config.max_eval_examples, len(test))))
+  return _Feed(batches, lambda: data.eval_batches(
+      test, eval_batch_size, ds.mean, ds.std), False, len(ds.train),
+               ds.num_classes, ds.train.images.shape[1:])
 
 
 def _summary_text(config, arch, summary, size, classes) -> str:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tensorflow_datasets as tfds
 
 from experiments import train as train_lib
 from experiments.configs import train as train_config
@@ -154,6 +155,27 @@ class TrainEntryPointTest(absltest.TestCase):
     from jaxnas import checkpoint  # pylint: disable=g-import-not-at-top
     with self.assertRaisesRegex(checkpoint.CheckpointError, 'config'):
       train_lib.train(_tiny(), cut, 'DARTS_V2')
+
+
+class ImageNetTrainTest(absltest.TestCase):
+
+  def test_one_step_on_mock_imagenet_with_label_smoothing(self):
+    config = train_config.get_config('imagenet')
+    config.update(dict(init_channels=8, layers=3, batch_size=4, epochs=1,
+                       max_steps_per_epoch=2, max_eval_examples=4,
+                       eval_batch_size=4, parallel='jit', progress=False,
+                       tensorboard=False))
+    wd = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, wd, True)
+    with tfds.testing.mock_data(num_examples=8):
+      _, result = train_lib.train(config, wd, 'DARTS_V2')
+    self.assertEqual(result['step'], 2)
+    self.assertBetween(result['test_top5'], result['test_acc'], 1.)
+    with open(os.path.join(wd, 'metrics.jsonl')) as f:
+      record = [r for r in map(json.loads, f) if 'test_acc' in r][0]
+    # lr 0.1 x (4 / 128) x 0.97 in epoch 0 (StepLR stepped first).
+    self.assertAlmostEqual(record['lr'], 0.1 * 4 / 128 * 0.97, places=7)
+    self.assertTrue(np.isfinite(record['train_loss']))
 
 
 def _epochs0(variant):

@@ -72,7 +72,7 @@ def _digits(data_dir: Optional[str] = None) -> Dataset:
 # tfds
 
 
-def _tfds_source(name: str, split: str, data_dir: Optional[str]):
+def tfds_source(name: str, split: str, data_dir: Optional[str]):
   """`tfds.data_source(name, split)`, or an error that says how to prepare."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
@@ -100,7 +100,7 @@ def _tfds_source(name: str, split: str, data_dir: Optional[str]):
 
 
 def _read_tfds_split(name: str, split: str, data_dir: Optional[str]) -> Split:
-  source = _tfds_source(name, split, data_dir)
+  source = tfds_source(name, split, data_dir)
   images = np.empty((len(source),) + tuple(
       source.dataset_info.features['image'].shape), np.uint8)
   labels = np.empty((len(source),), np.int32)
@@ -120,7 +120,7 @@ def _tfds(name: str, mean, std, data_dir: Optional[str] = None) -> Dataset:
 
 
 def _imagenet2012(data_dir: Optional[str] = None) -> Dataset:
-  _tfds_source('imagenet2012', 'train', data_dir)  # says how to prepare it
+  tfds_source('imagenet2012', 'train', data_dir)  # says how to prepare it
   raise NotImplementedError(
       'imagenet2012 is prepared, but in-memory loading is for datasets of '
       'one small image size (32x32-class datasets such as CIFAR): ImageNet '
