@@ -503,3 +503,26 @@ class InferNetwork(nn.Module):
                         cell_ops=tuple((op,) for op in arch.ops),
                         name='network')
     return net(x, {'cell': jnp.ones((NUM_EDGES, 1), x.dtype)}, train), None
+
+
+def encoding():
+  """NB-201 cells as `jaxnas.epd` token sequences: 6 op tokens in `EDGES`
+  order, op k of `NB201_PRIMITIVES` as token k + 1 (0 is SOS)."""
+  from jaxnas.spaces import nao  # pylint: disable=g-import-not-at-top
+  allowed = np.zeros((NUM_EDGES, 1 + len(NB201_PRIMITIVES)), bool)
+  allowed[:, 1:] = True
+  return nao.Encoding(1 + len(NB201_PRIMITIVES), NUM_EDGES, allowed)
+
+
+def to_tokens(arch: 'Arch') -> np.ndarray:
+  """The token sequence of `arch` (see `encoding`)."""
+  return np.asarray([NB201_PRIMITIVES.index(op) + 1 for op in arch.ops])
+
+
+def from_tokens(tokens) -> 'Arch':
+  """The Arch of a token sequence (see `encoding`); ValueError if invalid."""
+  tokens = [int(t) for t in tokens]
+  if len(tokens) != NUM_EDGES or not all(
+      1 <= t <= len(NB201_PRIMITIVES) for t in tokens):
+    raise ValueError(f'not an NB-201 token sequence: {tokens}')
+  return Arch(tuple(NB201_PRIMITIVES[t - 1] for t in tokens))
