@@ -44,6 +44,7 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), 'configs',
                                'train.py') + ':cifar10'
 
 NETWORKS = ('cifar', 'imagenet', 'nb201')
+SCHEDULES = ('cosine', 'cosine_steps', 'exponential')
 # Fields that may change between a run and its resumption.
 RESUME_IGNORE = ('progress', 'tensorboard', 'log_every_steps',
                  'checkpoint_every_steps', 'keep_checkpoints', 'data_dir',
@@ -75,9 +76,31 @@ def validate(config) -> None:
   if config.lr <= 0 or config.lr_min < 0 or config.lr_min > config.lr:
     problems.append(f'need 0 <= lr_min <= lr and lr > 0, got lr={config.lr}, '
                     f'lr_min={config.lr_min}')
-  if config.lr_schedule not in ('cosine', 'exponential'):
-    problems.append("lr_schedule must be 'cosine' or 'exponential', got "
+  if config.lr_schedule not in SCHEDULES:
+    problems.append(f'lr_schedule must be one of {SCHEDULES}, got '
                     f'{config.lr_schedule!r}')
+  if config.lr_offset not in (0, 1):
+    problems.append(f'lr_offset must be 0 or 1, got {config.lr_offset!r}')
+  if not 0 < config.lr_decay <= 1:
+    problems.append(f'lr_decay must be in (0, 1], got {config.lr_decay}')
+  if config.aux_weight < 0:
+    problems.append(f'aux_weight must be >= 0, got {config.aux_weight}')
+  if config.max_steps_per_epoch is not None and (
+      not isinstance(config.max_steps_per_epoch, int) or
+      config.max_steps_per_epoch < 1):
+    problems.append('max_steps_per_epoch must be a positive integer or None, '
+                    f'got {config.max_steps_per_epoch!r}')
+  if (config.dataset == 'imagenet2012') != (config.network == 'imagenet'):
+    problems.append(f'network {config.network!r} on dataset '
+                    f'{config.dataset!r}: the imagenet network (stride-8 '
+                    'stem, 224x224 crops) goes with imagenet2012 and only '
+                    'with it')
+  if config.dataset == 'imagenet2012' and config.cutout:
+    problems.append('imagenet2012 is augmented as the reference '
+                    '(RandomResizedCrop, flip, ColorJitter): set cutout=0')
+  if config.network == 'nb201' and config.drop_path_prob:
+    problems.append('the NAS-Bench-201 network has no drop path: set '
+                    '--config.drop_path_prob=0')
   if config.cutout < 0 or config.crop_padding < 0:
     problems.append('cutout and crop_padding must be >= 0')
   if not 0 <= config.label_smoothing < 1:
@@ -118,7 +141,7 @@ def build_network(config, arch, num_classes: int, bn_axis_name=None):
            else darts_eval.imagenet_network)
   return build(arch, C=config.init_channels, layers=config.layers,
                num_classes=num_classes, auxiliary=config.auxiliary,
-               depthwise_impl=config.depthwise_impl,
+               pool_bn=config.pool_bn, depthwise_impl=config.depthwise_impl,
                bn_axis_name=bn_axis_name)
 
 
@@ -152,10 +175,14 @@ def make_optimizer(config, steps_per_epoch: int):
     lr = lr * config.batch_size / config.lr_batch_size
   if config.lr_schedule == 'cosine':
     schedule = optim.darts_cosine(lr, config.lr_min, config.epochs,
-                                  steps_per_epoch)
-  else:  # StepLR(1, gamma) stepped at each epoch's start
+                                  steps_per_epoch, config.lr_offset)
+  elif config.lr_schedule == 'cosine_steps':
+    schedule = optax.cosine_decay_schedule(
+        lr, config.epochs * steps_per_epoch, alpha=config.lr_min / lr)
+  else:  # StepLR(1, gamma), by default stepped at each epoch's start
     schedule = optim.per_epoch(optax.exponential_decay(
-        lr, 1, config.lr_decay, staircase=True), steps_per_epoch)
+        lr, 1, config.lr_decay, staircase=True), steps_per_epoch,
+                               config.lr_offset)
   tx = optim.torch_sgd(schedule, momentum=config.momentum,
                        weight_decay=config.weight_decay,
                        clip_norm=config.grad_clip, nesterov=config.nesterov)
@@ -451,11 +478,8 @@ def main(argv, flag_values):
     sys.exit(128 + e.signum)
   except (ConfigError, FileNotFoundError, FloatingPointError) as e:
     sys.exit(f'error: {e}')
-  except Exception as e:  # pylint: disable=broad-except
-    from jaxnas import checkpoint  # pylint: disable=g-import-not-at-top
-    if isinstance(e, checkpoint.CheckpointError):
-      sys.exit(f'error: {e}')
-    raise
+  except ValueError as e:  # e.g. images too small for the auxiliary head
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

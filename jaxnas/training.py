@@ -71,6 +71,24 @@ def cross_entropy(logits: jax.Array, labels: jax.Array,
   return optax.softmax_cross_entropy(logits, targets)
 
 
+def eval_sums(logits: jax.Array, labels: jax.Array, top5: bool = True
+              ) -> Mapping[str, jax.Array]:
+  """Sums over a batch's real rows (`label >= 0`; -1 marks padding):
+  `loss_sum` (cross-entropy), `correct` (top-1), `correct5` (top-5, with
+  `top5`), `count`; summed over devices where the step is mapped."""
+  valid = labels >= 0
+  safe = jnp.maximum(labels, 0)
+  losses = cross_entropy(logits, safe)
+  sums = {'loss_sum': jnp.sum(jnp.where(valid, losses, 0.)),
+          'correct': jnp.sum(valid & (jnp.argmax(logits, -1) == labels)),
+          'count': jnp.sum(valid)}
+  if top5:
+    k = min(5, logits.shape[-1])
+    hit = jnp.any(jax.lax.top_k(logits, k)[1] == safe[:, None], axis=-1)
+    sums['correct5'] = jnp.sum(valid & hit)
+  return parallel.psum(sums)
+
+
 def make(net: nn.Module, tx: optax.GradientTransformation, *,
          steps_per_epoch: int, epochs: int, drop_path_prob: float = 0.,
          aux_weight: float = 0.4, label_smoothing: float = 0.) -> Trainer:
@@ -133,21 +151,9 @@ def make(net: nn.Module, tx: optax.GradientTransformation, *,
                          opt_state=opt_state), metrics
 
   def eval_step(state: TrainState, batch: Batch):
-    """Sums over the batch's real rows (`label >= 0`): `loss_sum`,
-    `correct` (top-1), `correct5` (top-5), `count`; summed over devices."""
     logits, _ = net.apply(
         {'params': state.params, 'batch_stats': state.batch_stats},
         batch['image'], train=False)
-    labels = batch['label']
-    valid = labels >= 0
-    safe = jnp.maximum(labels, 0)
-    losses = cross_entropy(logits, safe)
-    k = min(5, logits.shape[-1])
-    top5 = jnp.any(jax.lax.top_k(logits, k)[1] == safe[:, None], axis=-1)
-    return parallel.psum({
-        'loss_sum': jnp.sum(jnp.where(valid, losses, 0.)),
-        'correct': jnp.sum(valid & (jnp.argmax(logits, -1) == labels)),
-        'correct5': jnp.sum(valid & top5),
-        'count': jnp.sum(valid)})
+    return eval_sums(logits, batch['label'])
 
   return Trainer(init, step, eval_step, drop_path_rate)

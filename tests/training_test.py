@@ -57,9 +57,22 @@ class TrainStepTest(absltest.TestCase):
     np.testing.assert_allclose(rates, np.repeat([0., .05, .1, .15], 2),
                                rtol=1e-6)
     self.assertLess(np.mean(losses[-2:]), losses[0])
-    sums = jax.jit(trainer.eval_step)(state, self.batch)
-    self.assertEqual(int(sums['count']), 16)
-    self.assertBetween(int(sums['correct']), 0, int(sums['correct5']))
+    # Rows labelled -1 are padding: not counted.
+    padded = dict(self.batch, label=self.batch['label'].at[10:].set(-1))
+    sums = jax.jit(trainer.eval_step)(state, padded)
+    logits, _ = self.net.apply(
+        {'params': state.params, 'batch_stats': state.batch_stats},
+        self.batch['image'][:10], train=False)
+    labels = self.batch['label'][:10]
+    self.assertEqual(int(sums['count']), 10)
+    self.assertEqual(int(sums['correct']),
+                     int(jnp.sum(jnp.argmax(logits, -1) == labels)))
+    top5 = jnp.argsort(-logits, -1)[:, :5]
+    self.assertEqual(int(sums['correct5']),
+                     int(jnp.sum(jnp.any(top5 == labels[:, None], -1))))
+    np.testing.assert_allclose(
+        float(sums['loss_sum']),
+        float(training.cross_entropy(logits, labels).sum()), rtol=1e-5)
 
   def test_eight_devices_equal_one(self):
     trainer = self.make(drop_path_prob=0., aux_weight=0.4)
@@ -123,16 +136,26 @@ class TrainEntryPointTest(absltest.TestCase):
       train_lib.train(_epochs0('cifar10'), tempfile.mkdtemp(), 'DARTS_V9')
     with self.assertRaisesRegex(train_lib.ConfigError, 'arch string'):
       train_lib.train(_epochs0('nb201'), tempfile.mkdtemp(), 'DARTS_V2')
-    config = _epochs0('cifar10')
-    config.drop_path_prob = 1.5
-    with self.assertRaisesRegex(train_lib.ConfigError, 'drop_path_prob'):
+    for field, value, message in (
+        ('drop_path_prob', 1.5, 'drop_path_prob'),
+        ('dataset', 'imagenet2012', 'goes with imagenet2012'),
+        ('lr_schedule', 'step', 'lr_schedule'),
+        ('max_steps_per_epoch', -1, 'max_steps_per_epoch')):
+      config = _epochs0('cifar10')
+      config[field] = value
+      with self.assertRaisesRegex(train_lib.ConfigError, message):
+        train_lib.train(config, tempfile.mkdtemp())
+    config = _epochs0('nb201')
+    config.drop_path_prob = 0.2
+    with self.assertRaisesRegex(train_lib.ConfigError, 'no drop path'):
       train_lib.train(config, tempfile.mkdtemp())
 
   def test_runs_resumes_exactly_and_reports(self):
     tmp = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, tmp, True)
     ref = os.path.join(tmp, 'ref')
-    state, result = train_lib.train(_tiny(), ref, 'DARTS_V1')
+    config = _tiny(checkpoint_every_steps=2, keep_checkpoints=5)
+    state, result = train_lib.train(config, ref, 'DARTS_V1')
     with open(os.path.join(ref, 'result.json')) as f:
       saved = json.load(f)
     self.assertEqual(saved, result)
@@ -143,18 +166,22 @@ class TrainEntryPointTest(absltest.TestCase):
       epochs = [r for r in map(json.loads, f) if 'test_acc' in r]
     self.assertEqual([r['epoch'] for r in epochs], [0, 1])
     self.assertGreater(epochs[1]['drop_path'], epochs[0]['drop_path'])
-    # A run stopped after step 4 (its checkpoint alone) resumes exactly.
+    # A run stopped after step 2, in the middle of epoch 0 (its checkpoint
+    # alone), resumes exactly: weights, and the epoch's running means.
     cut = os.path.join(tmp, 'cut')
     os.makedirs(os.path.join(cut, 'checkpoints'))
-    shutil.copytree(os.path.join(ref, 'checkpoints', '4'),
-                    os.path.join(cut, 'checkpoints', '4'))
-    resumed, result2 = train_lib.train(_tiny(), cut, 'DARTS_V1')
+    shutil.copytree(os.path.join(ref, 'checkpoints', '2'),
+                    os.path.join(cut, 'checkpoints', '2'))
+    resumed, result2 = train_lib.train(config, cut, 'DARTS_V1')
     chex.assert_trees_all_equal(resumed.params, state.params)
     self.assertEqual(result2['test_acc'], result['test_acc'])
+    with open(os.path.join(cut, 'metrics.jsonl')) as f:
+      resumed_epochs = [r for r in map(json.loads, f) if 'test_acc' in r]
+    self.assertEqual(resumed_epochs, epochs)
     # Another genotype is another run: the checkpoint refuses it.
     from jaxnas import checkpoint  # pylint: disable=g-import-not-at-top
     with self.assertRaisesRegex(checkpoint.CheckpointError, 'config'):
-      train_lib.train(_tiny(), cut, 'DARTS_V2')
+      train_lib.train(config, cut, 'DARTS_V2')
 
 
 class ImageNetTrainTest(absltest.TestCase):

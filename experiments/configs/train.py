@@ -7,8 +7,10 @@ Variants (`--config=experiments/configs/train.py:VARIANT`):
   momentum 0.9, weight decay 3e-4, gradient clip 5, auxiliary head 0.4,
   Cutout 16, drop path 0.2 ramped linearly from 0, seed 0.
 * `cifar10_pdarts`: P-DARTS' `train_cifar.py` — batch 128, drop path 0.3.
-* `cifar10_gaea`: GAEA's README command — drop path 0.3.
-* `cifar10_dropnas`: DropNAS' augment config — batch 192, lr 0.05, clip 3.
+* `cifar10_gaea`: GAEA's README command — drop path 0.3, the cosine read
+  before stepping (epoch 0 at lr).
+* `cifar10_dropnas`: DropNAS' augment config — batch 192, lr 0.05, clip 3,
+  pools followed by an affine BatchNorm (pt.darts' PoolBN).
 * `imagenet`: quark0/darts `cnn/train_imagenet.py`, the mobile setting —
   C=48, 14 cells, batch 128, lr 0.1 times 0.97 per epoch (stepped at each
   epoch's start), weight decay 3e-5, 250 epochs, label smoothing 0.1,
@@ -17,7 +19,8 @@ Variants (`--config=experiments/configs/train.py:VARIANT`):
   set `lr_batch_size=0` to keep `lr` as given).
 * `nb201`: NAS-Bench-201's training of an arch string (`--genotype` an
   arch string): C=16, N=5, batch 256, Nesterov SGD lr 0.1 cosine to 0 over
-  200 epochs, weight decay 5e-4, no auxiliary head, Cutout or drop path.
+  200 epochs (stepped per iteration), weight decay 5e-4, no clipping,
+  auxiliary head, Cutout or drop path.
 * `cpu`: a network small enough to train on a 2-core CPU (C=8, 5 cells,
   batch 64, 3 epochs of CIFAR-10, ~0.45 s a step), the DARTS recipe
   otherwise (auxiliary head, Cutout, drop path, cosine).
@@ -61,6 +64,7 @@ def get_config(variant: str = 'cifar10') -> ml_collections.ConfigDict:
   c.auxiliary = True
   c.aux_weight = 0.4
   c.drop_path_prob = 0.2          # final rate of the linear ramp from 0
+  c.pool_bn = False               # affine BN after pools (pt.darts, DropNAS)
   c.depthwise_impl = 'auto'       # see jaxnas.ops.DEPTHWISE_IMPLS
   c.label_smoothing = 0.
   # Optimizer: SGD with momentum.
@@ -68,7 +72,13 @@ def get_config(variant: str = 'cifar10') -> ml_collections.ConfigDict:
   c.epochs = 600
   c.max_steps_per_epoch = ml_collections.config_dict.placeholder(int)
   c.lr = 0.025
-  c.lr_schedule = 'cosine'        # 'cosine' (to lr_min) | 'exponential'
+  # 'cosine': to lr_min over the epochs, one value per epoch; 'cosine_steps':
+  # per step (AutoDL's NAS-Bench-201 training); 'exponential': StepLR.
+  c.lr_schedule = 'cosine'
+  # Per-epoch schedules: 1 reads epoch e's rate after stepping the scheduler
+  # at the epoch's start (quark0/darts: epoch 0 already at T=1, the last
+  # epoch at lr_min); 0 reads it before (GAEA: epoch 0 at lr).
+  c.lr_offset = 1
   c.lr_min = 0.
   c.lr_decay = 0.97               # 'exponential': lr * lr_decay^(epoch + 1)
   # The batch size `lr` is given for: lr * batch_size / lr_batch_size (the
@@ -102,11 +112,13 @@ def get_config(variant: str = 'cifar10') -> ml_collections.ConfigDict:
     c.drop_path_prob = 0.3
   elif variant == 'cifar10_gaea':
     c.drop_path_prob = 0.3
+    c.lr_offset = 0               # train_aws.py steps the scheduler at the end
   elif variant == 'cifar10_dropnas':
     c.genotype = 'DROPNAS'
     c.batch_size = 192
     c.lr = 0.05
     c.grad_clip = 3.
+    c.pool_bn = True              # pt.darts' PoolBN in the augment network
   elif variant == 'imagenet':
     c.network = 'imagenet'
     c.dataset = 'imagenet2012'
@@ -121,6 +133,7 @@ def get_config(variant: str = 'cifar10') -> ml_collections.ConfigDict:
     c.label_smoothing = 0.1
     c.drop_path_prob = 0.
     c.cutout = 0
+    c.crop_padding = 0            # RandomResizedCrop instead
   elif variant == 'nb201':
     c.network = 'nb201'
     c.genotype = ('|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|'
@@ -132,8 +145,10 @@ def get_config(variant: str = 'cifar10') -> ml_collections.ConfigDict:
     c.batch_size = 256
     c.epochs = 200
     c.lr = 0.1
+    c.lr_schedule = 'cosine_steps'  # scheduler.update per iteration
     c.nesterov = True
     c.weight_decay = 5e-4
+    c.grad_clip = 0.              # no clipping in NB-201's procedure
   elif variant == 'cpu':
     c.init_channels = 8
     c.layers = 5                  # reductions at cells 1 and 3

@@ -9,7 +9,10 @@ and each step reads and augments only its own examples:
   seeded by (seed, e); each host reads only its contiguous part of the
   global batch, so a pod decodes every image once. Augmentation as the
   reference's `train_imagenet.py`: RandomResizedCrop(224) (scale 0.08-1,
-  ratio 3/4-4/3, 10 tries then a centre crop), horizontal flip, ColorJitter
+  ratio 3/4-4/3 drawn log-uniformly, 10 tries then a centre crop at the
+  nearest allowed ratio: today's torchvision; the 2018 release the
+  reference ran drew the ratio uniformly and fell back to a square crop),
+  horizontal flip, ColorJitter
   (brightness, contrast, saturation 0.4, hue 0.2, in random order), each
   drawn from a generator seeded by (seed, step, example position).
 * evaluation: Resize(256) of the shorter side, CenterCrop(224), in order,
@@ -65,8 +68,11 @@ def color_jitter(img: Image.Image, rng: np.random.Generator,
                  brightness=0.4, contrast=0.4, saturation=0.4,
                  hue=0.2) -> Image.Image:
   """torchvision's ColorJitter on a PIL image: the four adjustments in a
-  random order, factors uniform in [1 - x, 1 + x] (hue: shift in [-x, x])."""
+  random order, factors uniform in [1 - x, 1 + x] (hue: shift in [-x, x]);
+  an adjustment whose x is 0 is skipped, as ColorJitter leaves it out."""
   for which in rng.permutation(4):
+    if not (brightness, contrast, saturation, hue)[which]:
+      continue
     if which == 0:
       img = ImageEnhance.Brightness(img).enhance(
           rng.uniform(1 - brightness, 1 + brightness))

@@ -26,7 +26,9 @@ import optax
 from flax import struct
 
 from jaxnas import arch as arch_lib
+from jaxnas import ops
 from jaxnas import parallel
+from jaxnas import training
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -160,30 +162,15 @@ def eval_step(state: SearchState, batch: Batch, *, net: nn.Module,
   """
   logits = net.apply({'params': state.params, 'batch_stats': state.batch_stats},
                      batch['image'], weights_fn(state.arch), train=False)
-  labels = batch['label']
-  valid = labels >= 0
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits, jnp.maximum(labels, 0))
-  sums = {'loss_sum': jnp.sum(jnp.where(valid, losses, 0.)),
-          'correct': jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == labels,
-                                       False)),
-          'count': jnp.sum(valid)}
-  return parallel.psum(sums)
+  return training.eval_sums(logits, batch['label'], top5=False)
 
 
 def init_variables(net: nn.Module, key: jax.Array, sample_images: jax.Array,
                    mixing: Mapping[str, jax.Array]) -> Tuple[PyTree, PyTree]:
-  """Initialises (params, batch_stats) of `net` without running it.
-
-  `lazy_init` evaluates only the variable initialisers. They draw from an
-  'rbg' key derived from `key`: with the default threefry keys XLA compiles
-  one hash per parameter, which took ~50 s for a 3-cell supernet on a CPU
-  against ~10 s this way. The values are deterministic in `key` on one backend.
-  """
-  init_key = jax.random.wrap_key_data(
-      jax.random.bits(key, (4,), jnp.uint32), impl='rbg')
+  """Initialises (params, batch_stats) of `net` without running it
+  (`jaxnas.ops.lazy_init`)."""
   abstract = jax.ShapeDtypeStruct(sample_images.shape, sample_images.dtype)
-  variables = net.lazy_init(init_key, abstract, mixing, train=False)
+  variables = ops.lazy_init(net, key, abstract, mixing, train=False)
   return variables['params'], variables.get('batch_stats', {})
 
 

@@ -49,6 +49,8 @@ class Genotype(NamedTuple):
     missing = {'normal', 'normal_concat', 'reduce', 'reduce_concat'} - set(d)
     if missing:
       raise ValueError(f'genotype is missing fields {sorted(missing)}')
+    d = dict(d, normal=_flat_pairs(d['normal']),
+             reduce=_flat_pairs(d['reduce']))
     g = cls(
         normal=[(str(op), int(j)) for op, j in d['normal']],
         normal_concat=[int(i) for i in d['normal_concat']],
@@ -92,6 +94,23 @@ class Genotype(NamedTuple):
       nodes = 2 + len(cell) // 2
       if any(not 0 <= c < nodes for c in concat):
         raise ValueError(f'concat {concat} outside the cell\'s {nodes} nodes')
+
+
+def _flat_pairs(cell) -> list:
+  """(op, input) pairs, flattening pt.darts' per-node lists (DropNAS prints
+  `normal=[[('sep_conv_3x3', 1), ('skip_connect', 0)], ...]`)."""
+  out = []
+  for item in cell:
+    if (isinstance(item, (list, tuple)) and item and
+        all(isinstance(p, (list, tuple)) for p in item)):
+      out.extend(item)
+    else:
+      out.append(item)
+  for pair in out:
+    if (not isinstance(pair, (list, tuple)) or len(pair) != 2 or
+        not isinstance(pair[0], str)):
+      raise ValueError(f'expected (op, input) pairs, got {pair!r}')
+  return out
 
 
 def _literal(node: ast.AST):

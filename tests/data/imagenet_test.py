@@ -3,6 +3,7 @@
 from absl.testing import absltest
 import chex
 import numpy as np
+from PIL import Image
 import tensorflow_datasets as tfds
 
 from jaxnas.data import imagenet
@@ -71,6 +72,24 @@ class ImageNetBatchesTest(absltest.TestCase):
     crop = imagenet.center_crop(grad)
     chex.assert_shape(crop, (224, 224, 3))
     self.assertEqual(int(crop[0, 112, 0]), 128)  # column 144 + 112 = 256
+
+  def test_color_jitter_hue_wraps_and_identity_factors(self):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    same = imagenet.color_jitter(img, np.random.default_rng(1), 0., 0., 0.,
+                                 0.)
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(img))
+    out = imagenet.color_jitter(img, np.random.default_rng(2), 0., 0., 0.,
+                                0.5)
+    # Replay the draws: a permutation, then the hue shift alone.
+    replay = np.random.default_rng(2)
+    replay.permutation(4)
+    shift = np.uint8(int(round(replay.uniform(-.5, .5) * 255)) % 256)
+    h, s, v = img.convert('HSV').split()
+    h = Image.fromarray(np.asarray(h, np.uint8) + shift, 'L')  # wraps at 256
+    expected = Image.merge('HSV', (h, s, v)).convert('RGB')
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+    self.assertFalse(np.array_equal(np.asarray(out), np.asarray(img)))
 
   def test_eval_batches_pad_and_split_over_hosts(self):
     src = _source(10)

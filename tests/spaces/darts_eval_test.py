@@ -155,6 +155,27 @@ class NetworkTest(absltest.TestCase):
                                       jnp.zeros((1, 16, 16, 3)), train=True))
 
 
+  def test_reduction_skip_is_dropped_and_pool_bn_counts(self):
+    # Skip-connects from the inputs of a reduction cell are FactorizedReduce
+    # (stride 2): drop path applies to them.
+    pairs = (('skip_connect', 0), ('skip_connect', 1),
+             ('skip_connect', 0), ('skip_connect', 2))
+    c = darts_eval.EvalCell(pairs, (2, 3), 4, True, False)
+    s0 = jax.random.normal(jax.random.key(0), (8, 6, 6, 4))
+    v = c.init(jax.random.key(1), s0, s0, train=False)
+    out = [c.apply(v, s0, s0, train=True, drop_path_rate=r,
+                   rngs={'drop_path': jax.random.key(2)},
+                   mutable=['batch_stats'])[0] for r in (None, 0.5)]
+    self.assertFalse(np.allclose(out[0], out[1]))
+    # pt.darts' PoolBN (DropNAS): an affine BN (2C) after each pool.
+    g = genotype_lib.named('DROPNAS')
+    plain = _count(darts_eval.cifar_network(g, C=8, layers=5), 32)
+    with_bn = _count(darts_eval.cifar_network(g, C=8, layers=5, pool_bn=True),
+                     32)
+    # One max pool per reduction cell (cells 1 and 3, C = 16 and 32).
+    self.assertEqual(with_bn - plain, 2 * 16 + 2 * 32)
+
+
 class CountMacsTest(absltest.TestCase):
 
   def test_hand_built(self):
@@ -196,6 +217,23 @@ class PublishedTest(absltest.TestCase):
     self.assertIs(genotype_lib.named('DARTS'), genotype_lib.named('DARTS_V2'))
     with self.assertRaisesRegex(ValueError, 'neither a published genotype'):
       genotype_lib.load('DARTS_V3')
+
+  def test_dropnas_readme_form_parses_to_the_shipped_cell(self):
+    # DropNAS README.md's `--genotype` argument, pt.darts' per-node lists.
+    text = (
+        "Genotype(normal=[[('sep_conv_3x3', 1), ('skip_connect', 0)], "
+        "[('sep_conv_3x3', 1), ('sep_conv_3x3', 0)], [('sep_conv_3x3', 1), "
+        "('sep_conv_3x3', 0)], [('dil_conv_5x5', 4), ('dil_conv_3x3', 1)]], "
+        "normal_concat=range(2, 6), reduce=[[('max_pool_3x3', 0), "
+        "('sep_conv_5x5', 1)], [('dil_conv_5x5', 2), ('sep_conv_5x5', 1)], "
+        "[('dil_conv_5x5', 3), ('dil_conv_5x5', 2)], [('dil_conv_5x5', 3), "
+        "('dil_conv_5x5', 4)]], reduce_concat=range(2, 6))")
+    self.assertEqual(genotype_lib.Genotype.from_string(text),
+                     genotype_lib.named('DROPNAS'))
+    with self.assertRaisesRegex(ValueError, 'pairs'):
+      genotype_lib.Genotype.from_string(
+          'Genotype(normal=[1, 2], normal_concat=[2], reduce=[], '
+          'reduce_concat=[])')
 
   def test_random_genotype_is_valid_and_varies(self):
     rng = np.random.default_rng(0)
