@@ -275,3 +275,103 @@ def evaluate(eval_fn, state, batches, put_batch, get) -> Dict[str, Any]:
     for k, v in out.items():
       totals[k] = totals.get(k, 0) + np.asarray(v, np.float64)
   return totals
+
+
+def data_parallel(config):
+  """Starts `jax.distributed` if the config asks, and returns its
+  `jaxnas.parallel.DataParallel`. Raises ValueError for a mode, device
+  count or batch size that cannot work."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxnas import parallel  # pylint: disable=g-import-not-at-top
+  if config.get('distributed', False):
+    parallel.initialize_distributed(config.get('coordinator_address'),
+                                    config.get('num_processes'),
+                                    config.get('process_id'))
+  par = parallel.DataParallel(config.get('parallel', 'pmap'),
+                              config.get('num_devices'))
+  if config.batch_size % par.num_devices:
+    raise ValueError(
+        f'batch_size={config.batch_size} is not divisible by the '
+        f'{par.num_devices} devices ({jax.process_count()} process(es)); set '
+        '--config.batch_size or --config.num_devices')
+  return par
+
+
+def round_up(n: int, k: int) -> int:
+  """The smallest multiple of `k` that is >= `n`."""
+  return -(-n // k) * k
+
+
+class RunCheckpoints:
+  """A run's checkpoints in `<workdir>/checkpoints`, with what resuming
+  needs besides the state: the config's fingerprint (a checkpoint of
+  another config is refused) and the epoch's running metric sums
+  (`PendingMetrics`), so a run resumed mid-epoch logs the same epoch means.
+
+  Every process calls every method; they must see the same checkpoints.
+
+  Args:
+    workdir: the run's workdir.
+    fingerprint: `jaxnas.checkpoint.config_fingerprint` of the config.
+    par: the run's `DataParallel`.
+    pending: the run's `PendingMetrics` (flushed before each save).
+    keep: checkpoints kept.
+  """
+
+  def __init__(self, workdir: str, fingerprint: str, par, pending, keep: int):
+    from jaxnas import checkpoint  # pylint: disable=g-import-not-at-top
+    self.dir = os.path.join(workdir, 'checkpoints')
+    self.ckpt = checkpoint.Checkpointer(self.dir, max_to_keep=keep)
+    self.fingerprint, self.par, self.pending = fingerprint, par, pending
+    self.start = self.ckpt.latest_step()
+    if len(set(all_processes(-1 if self.start is None else self.start))) > 1:
+      raise checkpoint.CheckpointError(
+          f'the processes see different checkpoints in {workdir}: the '
+          'workdir must be storage shared by all of them')
+    self.saved = self.start or 0
+
+  def latest_step(self) -> Optional[int]:
+    return self.ckpt.latest_step()
+
+  def restore(self, abstract_state):
+    """The state (placed on the devices) and running sums of `start`."""
+    state, meta = self.ckpt.restore(
+        self.par.restore_target(abstract_state), self.start,
+        expect={'config_fingerprint': self.fingerprint})
+    self.pending.sums = {k: np.asarray(v)
+                         for k, v in meta['epoch_sums'].items()}
+    self.pending.count = meta['epoch_count']
+    return self.par.from_global(state)
+
+  def save(self, step: int, state) -> None:
+    """Saves `state` as `step` (once per step), after fetching pending
+    metrics (so a non-finite loss is never saved)."""
+    self.pending.flush()
+    if self.saved == step:
+      return
+    self.saved = step
+    self.ckpt.save(step, self.par.to_global(state), {
+        'config_fingerprint': self.fingerprint, 'step': step,
+        'epoch_sums': {k: np.asarray(v).tolist()
+                       for k, v in self.pending.sums.items()},
+        'epoch_count': self.pending.count}, force=True)
+
+  def stop_if_signalled(self, signals: 'StopSignals', step: int, state,
+                        synced: bool) -> None:
+    """Saves and raises `Interrupted` when any process got a signal.
+
+    The processes agree at points every process reaches (`synced`: a host
+    round trip, so not after every step on a pod); one process alone checks
+    after every step.
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    if not (synced or jax.process_count() == 1):
+      return
+    signum = any_process(signals.received or 0)
+    if signum:
+      self.save(step, state)
+      self.ckpt.wait()
+      raise Interrupted(signum, step)
+
+  def close(self) -> None:
+    self.ckpt.close()

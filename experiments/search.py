@@ -680,30 +680,15 @@ def search(config, workdir: str):
   from jaxnas import checkpoint  # pylint: disable=g-import-not-at-top
   from jaxnas import data  # pylint: disable=g-import-not-at-top
   from jaxnas import ops  # pylint: disable=g-import-not-at-top
-  from jaxnas import parallel  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import genotype as genotype_lib  # pylint: disable=g-import-not-at-top
 
-  if config.get('distributed', False):
-    parallel.initialize_distributed(config.get('coordinator_address'),
-                                    config.get('num_processes'),
-                                    config.get('process_id'))
   try:
     common.check_local_workdir(workdir)
+    par = common.data_parallel(config)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  try:
-    par = parallel.DataParallel(config.get('parallel', 'pmap'),
-                                config.get('num_devices'))
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  if config.batch_size % par.num_devices:
-    raise ConfigError(
-        f'batch_size={config.batch_size} is not divisible by the '
-        f'{par.num_devices} devices ({jax.process_count()} process(es)); set '
-        '--config.batch_size or --config.num_devices')
   # Evaluation pads its last batch anyway: round its size up to the devices.
-  eval_batch_size = -(-config.eval_batch_size // par.num_devices) * (
-      par.num_devices)
+  eval_batch_size = common.round_up(config.eval_batch_size, par.num_devices)
   table = None
   if config.get('nb201_table'):
     from jaxnas.benchmarks import nb201 as nb201_bench  # pylint: disable=g-import-not-at-top
@@ -740,21 +725,17 @@ def search(config, workdir: str):
     return par.put_batch(data.host_slice(global_batch, rank, hosts))
 
   config_dict = config.to_dict()
-  fingerprint = checkpoint.config_fingerprint(config_dict, RESUME_IGNORE)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 max_to_keep=config.keep_checkpoints)
   sample = seeds.batches[0].batch(0)['train']['image'][:1]
-  start = ckpt.latest_step()
-  if len(set(common.all_processes(-1 if start is None else start))) > 1:
-    raise checkpoint.CheckpointError(
-        f'the processes see different checkpoints in {workdir}: the workdir '
-        'must be storage shared by all of them')
   num_cells = (3 * config.cells_per_stage + 2 if config.get('space') == 'nb201'
                else config.layers)  # NB-201: N cells x 3 + 2 ResNet blocks
   pending = common.PendingMetrics(par.get_state, lambda: (
       'Lower the learning rates or check the data. The last good checkpoint '
-      f'is step {ckpt.latest_step()} in {workdir} (nothing after it was '
+      f'is step {ckpts.latest_step()} in {workdir} (nothing after it was '
       'saved).'), steps_per_epoch)
+  ckpts = common.RunCheckpoints(
+      workdir, checkpoint.config_fingerprint(config_dict, RESUME_IGNORE), par,
+      pending, config.keep_checkpoints)
+  start = ckpts.start
   if start is None:
     state = par.put_state(seeds.init(sample))
     held_out = ('test examples for evaluation' if config.train_portion == 1
@@ -773,12 +754,7 @@ def search(config, workdir: str):
     if seeds.many:
       msg += f', seeds {seeds.seeds} vmapped'
   else:
-    abstract = jax.eval_shape(seeds.init, sample)
-    state, meta = ckpt.restore(par.restore_target(abstract), start,
-                               expect={'config_fingerprint': fingerprint})
-    state = par.from_global(state)
-    pending.sums = {k: np.asarray(v) for k, v in meta['epoch_sums'].items()}
-    pending.count = meta['epoch_count']
+    state = ckpts.restore(jax.eval_shape(seeds.init, sample))
     msg = f'resuming {workdir} from step {start} of {total_steps}'
   start = start or 0
   if chief:
@@ -802,20 +778,6 @@ def search(config, workdir: str):
       if seeds.many:
         out[f'{k}_seeds'] = v.tolist()
     return out
-
-  saved = start  # the last step checkpointed
-
-  def save(step):
-    nonlocal saved
-    pending.flush()
-    if saved == step:
-      return
-    saved = step
-    ckpt.save(step, par.to_global(state),
-              {'config_fingerprint': fingerprint, 'step': step,
-               'epoch_sums': {k: np.asarray(v).tolist()
-                              for k, v in pending.sums.items()},
-               'epoch_count': pending.count}, force=True)
 
   def derive_all():
     host = jax.device_get(par.get_state(state))
@@ -899,20 +861,15 @@ def search(config, workdir: str):
         checkpointed = (done == total_steps or
                         done % config.checkpoint_every_steps == 0)
         if checkpointed:
-          save(done)
-        # One process's signal stops all: they agree at points every process
-        # reaches (a host round trip, so not after every step on a pod).
-        synced = logged or checkpointed or i == steps_per_epoch - 1
-        signum = (common.any_process(signals.received or 0)
-                  if synced or hosts == 1 else 0)
-        if signum:
-          save(done)
-          ckpt.wait()
-          raise common.Interrupted(signum, done)
+          ckpts.save(done, state)
+        # One process's signal stops all.
+        ckpts.stop_if_signalled(
+            signals, done, state,
+            synced=logged or checkpointed or i == steps_per_epoch - 1)
   finally:
     progress.close()
     log.close()
-    ckpt.close()
+    ckpts.close()
   if hosts > 1:
     digest = checkpoint.config_fingerprint(
         {'arch': jax.tree.map(lambda x: np.asarray(x).tolist(),

@@ -205,7 +205,6 @@ def train(config, workdir: str, genotype: str = None):
   genotype = genotype or config.genotype
   arch = load_architecture(config, genotype)
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxnas import checkpoint  # pylint: disable=g-import-not-at-top
   from jaxnas import data  # pylint: disable=g-import-not-at-top
   from jaxnas import parallel  # pylint: disable=g-import-not-at-top
@@ -225,18 +224,11 @@ def train(config, workdir: str, genotype: str = None):
       print(_summary_text(config, arch, summary, size, classes), flush=True)
     return None, {'genotype': str(arch), **summary}
 
-  if config.distributed:
-    parallel.initialize_distributed(config.coordinator_address,
-                                    config.num_processes, config.process_id)
   try:
-    par = parallel.DataParallel(config.parallel, config.num_devices)
+    par = common.data_parallel(config)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  if config.batch_size % par.num_devices:
-    raise ConfigError(f'batch_size={config.batch_size} is not divisible by '
-                      f'the {par.num_devices} devices')
-  eval_batch_size = -(-config.eval_batch_size // par.num_devices) * (
-      par.num_devices)
+  eval_batch_size = common.round_up(config.eval_batch_size, par.num_devices)
   rank, hosts = jax.process_index(), jax.process_count()
   feed = _data(config, eval_batch_size, rank, hosts)
   batches = feed.batches
@@ -261,21 +253,17 @@ def train(config, workdir: str, genotype: str = None):
     return par.put_batch(data.host_slice(batch, rank, hosts))
 
   config_dict = dict(config.to_dict(), genotype=str(arch))
-  fingerprint = checkpoint.config_fingerprint(config_dict, RESUME_IGNORE)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 max_to_keep=config.keep_checkpoints)
   # A raw uint32 key: Orbax saves it as an array.
   init = lambda: trainer.init(jax.random.PRNGKey(config.seed),
                               (1,) + image_shape)
-  start = ckpt.latest_step()
-  if len(set(common.all_processes(-1 if start is None else start))) > 1:
-    raise checkpoint.CheckpointError(
-        f'the processes see different checkpoints in {workdir}: the workdir '
-        'must be storage shared by all of them')
   pending = common.PendingMetrics(par.get_state, lambda: (
       'Lower the learning rate or check the data. The last good checkpoint '
-      f'is step {ckpt.latest_step()} in {workdir} (nothing after it was '
+      f'is step {ckpts.latest_step()} in {workdir} (nothing after it was '
       'saved).'), steps_per_epoch)
+  ckpts = common.RunCheckpoints(
+      workdir, checkpoint.config_fingerprint(config_dict, RESUME_IGNORE), par,
+      pending, config.keep_checkpoints)
+  start = ckpts.start
   if start is None:
     state = par.put_state(init())
     msg = (_summary_text(config, arch, summary, image_shape[0],
@@ -284,12 +272,7 @@ def train(config, workdir: str, genotype: str = None):
            f'{config.epochs} epochs x {steps_per_epoch} steps of '
            f'{config.batch_size}, {par.num_devices} device(s)')
   else:
-    state, meta = ckpt.restore(par.restore_target(jax.eval_shape(init)),
-                               start,
-                               expect={'config_fingerprint': fingerprint})
-    state = par.from_global(state)
-    pending.sums = {k: np.asarray(v) for k, v in meta['epoch_sums'].items()}
-    pending.count = meta['epoch_count']
+    state = ckpts.restore(jax.eval_shape(init))
     msg = f'resuming {workdir} from step {start} of {total_steps}'
   start = start or 0
   if chief:
@@ -303,20 +286,6 @@ def train(config, workdir: str, genotype: str = None):
   log.truncate(start)
   step_fn = par.step(trainer.step)
   eval_fn = par.step(trainer.eval_step, donate=False)
-  saved = start
-
-  def save(step):
-    nonlocal saved
-    pending.flush()
-    if saved == step:
-      return
-    saved = step
-    ckpt.save(step, par.to_global(state),
-              {'config_fingerprint': fingerprint, 'step': step,
-               'epoch_sums': {k: np.asarray(v).tolist()
-                              for k, v in pending.sums.items()},
-               'epoch_count': pending.count}, force=True)
-
   def test_metrics():
     t = common.evaluate(eval_fn, state, feed.eval_batches(), put_batch,
                         par.get_state)
@@ -367,18 +336,13 @@ def train(config, workdir: str, genotype: str = None):
         checkpointed = (done == total_steps or last_of_epoch or
                         done % config.checkpoint_every_steps == 0)
         if checkpointed:
-          save(done)
-        synced = logged or checkpointed
-        signum = (common.any_process(signals.received or 0)
-                  if synced or hosts == 1 else 0)
-        if signum:
-          save(done)
-          ckpt.wait()
-          raise common.Interrupted(signum, done)
+          ckpts.save(done, state)
+        ckpts.stop_if_signalled(signals, done, state,
+                                synced=logged or checkpointed)
   finally:
     progress.close()
     log.close()
-    ckpt.close()
+    ckpts.close()
   if result is None:  # resumed after the last step
     result = {'epoch': config.epochs - 1, **test_metrics()}
   result = {'genotype': str(arch), 'step': total_steps, **summary,
