@@ -5,6 +5,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats
 
 from jaxnas import epd
 from jaxnas.spaces import nao
@@ -66,6 +67,41 @@ class CodecTest(absltest.TestCase):
     self.assertTrue(all(enc.valid(t) for t in tokens[::97]))
     for a, t in zip(archs[::501], tokens[::501]):
       self.assertEqual(nb201.from_tokens(t), a)
+
+
+class BalancedSamplingTest(absltest.TestCase):
+
+  def test_param_count_on_hand_built_cells(self):
+    # N=1 (5 cells, reductions at 1 and 3), 1 node, C=4, 10 classes; the
+    # arithmetic per cell is in the comments (see nao.param_count).
+    kw = dict(layers=1, nodes=1, channels=4)
+    normal = [0, 4, 1, 4]            # identity on both inputs: concat [2]
+    # stem 27*12 + 24 = 348; cell0 two ReLUConvBN 12->4: 112; cell1
+    # (C=8) 12->8 and 4->8: 112 + 48, sep3 stride 2: 2*(72+64+16) = 304;
+    # cell2 FR 4->8: 48; cell3 (C=16) 8->16 twice: 320, sep3: 864; cell4
+    # FR 8->16: 160; classifier 16*10 + 10 = 170.
+    self.assertEqual(nao.param_count([normal, [0, 0, 1, 2]], **kw), 2486)
+    # Reduce cell: identity at stride 2 (FactorizedReduce 8->8: 80) and a
+    # max pool, both on input 0: input 1 is unused, factorized-reduced into
+    # the concat (80), which is 2C wide. cell1 112 + 48 + 80 + 80; cell2 FR
+    # 4->8 48 + 16->8 144; cell3 8->16 160 + FR 288 + FR 288; cell4 FR
+    # 8->16 160 + 32->16 544.
+    self.assertEqual(nao.param_count([normal, [0, 4, 0, 3]], **kw), 2582)
+
+  def test_sampling_follows_parameter_counts(self):
+    archs = nao.random_archs(8, np.random.default_rng(3))
+    probs = nao.sample_probabilities(archs)
+    counts = np.asarray([nao.param_count(a) for a in archs])
+    np.testing.assert_allclose(probs, counts / counts.sum())
+    self.assertGreater(counts.max() / counts.min(), 1.2)
+    draws = np.bincount([nao.sample_index(probs, 0, s) for s in range(20000)],
+                        minlength=8)
+    self.assertEqual(nao.sample_index(probs, 0, 7), nao.sample_index(
+        probs, 0, 7))
+    p = stats.chisquare(draws, 20000 * probs).pvalue
+    self.assertGreater(p, 1e-3)
+    # ... and not uniform.
+    self.assertLess(stats.chisquare(draws).pvalue, 1e-3)
 
 
 class EPDTest(absltest.TestCase):

@@ -104,3 +104,76 @@ def swap_augment(tokens: np.ndarray, copies: int, rng: np.random.Generator,
   out[c, i, cell, node] = pairs[..., ::-1, :]
   return out.reshape(copies * n, -1)
 
+
+
+# ----------------------------------------------------------------------------
+# The stand-alone network of an architecture (NAO_V2/model.py
+# NASNetworkCIFAR) and its parameter count without building it.
+
+
+def _cell_plan(cell, nodes: int, reduction: bool):
+  """(concat, factorized-reduced concat inputs) of one cell's ints."""
+  cell = np.asarray(cell).reshape(nodes, 4)
+  used = np.zeros(nodes + 2, int)
+  for x_id, _, y_id, _ in cell:
+    used[x_id] += 1
+    used[y_id] += 1
+  concat = [i for i in range(nodes + 2) if not used[i]]
+  # In a reduction cell every node is at half size: unused inputs 0 and 1
+  # are factorized-reduced before the concat (FinalCombine).
+  reduced = [i for i in concat if reduction and i < 2]
+  return concat, reduced
+
+
+def param_count(arch, *, layers: int = 3, nodes: int = NODES,
+                channels: int = 20, classes: int = 10,
+                stem_multiplier: int = 3) -> int:
+  """Parameters of NASNetworkCIFAR(arch) (no auxiliary head), from the
+  architecture's ints alone: what NAO-V2's balanced sampling weighs each
+  architecture by (`layers` = N, 3N + 2 cells; search size N=3, C=20)."""
+  arch = np.asarray(arch).reshape(2, nodes, 4)
+  sep = lambda c, k: 2 * (k * k * c + c * c + 2 * c)
+  fr = lambda c_in, c: c_in * c + 2 * c          # two 1x1 halves + BN
+  c0 = stem_multiplier * channels
+  total = 27 * c0 + 2 * c0                        # stem conv + BN
+  prev = [(32, c0), (32, c0)]                     # (size, channels)
+  c = channels
+  pools = (layers, 2 * layers + 1)
+  for i in range(3 * layers + 2):
+    reduction = i in pools
+    if reduction:
+      c *= 2
+    cell = arch[1 if reduction else 0]
+    (hw0, ch0), (hw1, ch1) = prev
+    if hw0 != hw1:
+      total += fr(ch0, c)
+    elif ch0 != c:
+      total += ch0 * c + 2 * c                    # ReLUConvBN 1x1
+    if ch1 != c:
+      total += ch1 * c + 2 * c
+    for x_id, x_op, y_id, y_op in cell:
+      for j, op in ((x_id, x_op), (y_id, y_op)):
+        stride = 2 if reduction and j < 2 else 1
+        if op in (0, 1):
+          total += sep(c, 3 if op == 0 else 5)
+        elif op == 4 and stride == 2:
+          total += fr(c, c)
+    concat, reduced = _cell_plan(cell, nodes, reduction)
+    total += len(reduced) * fr(c, c)
+    hw = hw1 // 2 if reduction else hw1
+    prev = [prev[1], (hw, c * len(concat))]
+  return int(total + prev[1][1] * classes + classes)
+
+
+def sample_probabilities(archs, **kwargs) -> np.ndarray:
+  """NAO-V2's balanced sampling: each architecture with probability
+  proportional to its stand-alone parameter count (`param_count`)."""
+  counts = np.asarray([param_count(a, **kwargs) for a in archs], np.float64)
+  return counts / counts.sum()
+
+
+def sample_index(probs: np.ndarray, seed: int, step: int) -> int:
+  """The architecture trained at `step`: drawn from `probs` with a
+  generator seeded by (seed, step), so a resumed run draws the same ones."""
+  return int(np.random.default_rng([seed, 4, step]).choice(len(probs),
+                                                           p=probs))
