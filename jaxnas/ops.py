@@ -300,10 +300,15 @@ class SepConv(nn.Module):
 
 
 class FactorizedReduce(nn.Module):
-  """ReLU -> two 1x1 stride-2 convs (the second shifted by one pixel) -> BN."""
+  """ReLU -> two 1x1 stride-2 convs (the second shifted by one pixel) -> BN.
+
+  `relu=False` leaves out the ReLU (NAO's FactorizedReduce has none; its
+  callers add one where they want it).
+  """
   features: int
   affine: bool = True
   bn_axis_name: Optional[str] = None
+  relu: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -313,7 +318,8 @@ class FactorizedReduce(nn.Module):
     if x.shape[1] % 2 or x.shape[2] % 2:
       raise ValueError('FactorizedReduce needs even spatial sizes, got '
                        f'{x.shape[1]}x{x.shape[2]}')
-    x = nn.relu(x)
+    if self.relu:
+      x = nn.relu(x)
     a = Conv(self.features // 2, 1, stride=2)(x)
     b = Conv(self.features // 2, 1, stride=2)(x[:, 1:, 1:, :])
     x = jnp.concatenate([a, b], axis=-1)

@@ -88,6 +88,21 @@ class BalancedSamplingTest(absltest.TestCase):
     # 8->16 160 + 32->16 544.
     self.assertEqual(nao.param_count([normal, [0, 4, 0, 3]], **kw), 2582)
 
+  def test_param_count_equals_the_built_network(self):
+    archs = nao.random_archs(6, np.random.default_rng(5))
+    for a, (layers, channels) in zip(archs, [(1, 8)] * 5 + [(3, 20)]):
+      net = nao.network(a, layers=layers, channels=channels)
+      x = jnp.zeros((2, 32, 32, 3))
+      variables = jax.eval_shape(lambda n=net, x=x: n.init(
+          jax.random.key(0), x, train=False))
+      self.assertEqual(
+          sum(int(np.prod(v.shape))
+              for v in jax.tree.leaves(variables['params'])),
+          nao.param_count(a, layers=layers, channels=channels))
+      logits = jax.eval_shape(lambda v, x, n=net: n.apply(v, x, train=False),
+                              variables, x)
+      chex.assert_shape(logits, (2, 10))
+
   def test_sampling_follows_parameter_counts(self):
     archs = nao.random_archs(8, np.random.default_rng(3))
     probs = nao.sample_probabilities(archs)

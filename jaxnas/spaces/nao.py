@@ -15,15 +15,24 @@ As renqianluo/NAO_pytorch `NAO_V2/utils.py` and `operations.py`
 * The EPD's swap augmentation: exchanging the two (input, op) pairs of one
   node gives the same cell (a node sums its two branches).
 
+`param_count` gives the parameters of an architecture's stand-alone network
+(`NASNetwork`, NAO_V2/model.py NASNetworkCIFAR) from its ints alone, which
+NAO-V2's balanced sampling weighs architectures by (`sample_probabilities`,
+`sample_index`).
+
 `Encoding` describes a token sequence for `jaxnas.epd`: its vocabulary, its
 length and which tokens each position allows (the reference's constrained
 greedy decoding); `encoding()` is this space's. NAS-Bench-201 has its own
 (`jaxnas.spaces.nb201.encoding`).
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
+import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
+
+from jaxnas import ops
 
 OPS = ('sep_conv_3x3', 'sep_conv_5x5', 'avg_pool_3x3', 'max_pool_3x3',
        'identity')
@@ -177,3 +186,93 @@ def sample_index(probs: np.ndarray, seed: int, step: int) -> int:
   generator seeded by (seed, step), so a resumed run draws the same ones."""
   return int(np.random.default_rng([seed, 4, step]).choice(len(probs),
                                                            p=probs))
+
+
+def _op(index: int, channels: int, stride: int, bn_axis_name, name: str):
+  """NAO's op `index` (`OPERATIONS_small`) at `stride`."""
+  kw = dict(bn_axis_name=bn_axis_name)
+  if index in (0, 1):
+    k = 3 if index == 0 else 5
+    return ops.SepConv(channels, k, stride, k // 2, name=name, **kw)
+  if index in (2, 3):
+    return ops.Pool('avg' if index == 2 else 'max', stride, name=name)
+  if index == 4:
+    if stride == 1:
+      return ops.Identity(name=name)
+    return ops.FactorizedReduce(channels, relu=False, name=name, **kw)
+  raise ValueError(f'NAO op index must be in 0..{len(OPS) - 1}, got {index}')
+
+
+def network(arch, **kwargs) -> 'NASNetwork':
+  """The stand-alone network of `arch` ([2, 4B] ints or a token-free flat
+  list of 8B ints), hashable for jit."""
+  arch = np.asarray(arch, np.int64).reshape(2, -1)
+  return NASNetwork(tuple(int(x) for x in arch[0]),
+                    tuple(int(x) for x in arch[1]), **kwargs)
+
+
+class Cell(nn.Module):
+  """A cell of NAO_V2/model.py: calibrate the two inputs to `channels`
+  (FactorizedReduce after a reduction, else ReLU-Conv1x1-BN where the
+  width differs), node i = op(in1) + op(in2), output = concat of the
+  states no node reads (inputs 0 and 1 factorized-reduced in a
+  reduction cell)."""
+  cell: tuple
+  channels: int
+  reduction: bool
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, s0, s1, train: bool):
+    c, axis, nodes = self.channels, self.bn_axis_name, len(self.cell) // 4
+    if s0.shape[1] != s1.shape[1]:
+      s0 = ops.FactorizedReduce(c, bn_axis_name=axis, name='calibrate_x')(
+          s0, train)
+    elif s0.shape[-1] != c:
+      s0 = ops.ReLUConvBN(c, bn_axis_name=axis, name='calibrate_x')(
+          s0, train)
+    if s1.shape[-1] != c:
+      s1 = ops.ReLUConvBN(c, bn_axis_name=axis, name='calibrate_y')(
+          s1, train)
+    states = [s0, s1]
+    for i in range(nodes):
+      x_id, x_op, y_id, y_op = self.cell[4 * i:4 * i + 4]
+      node = 0.
+      for branch, (j, op) in (('x', (x_id, x_op)), ('y', (y_id, y_op))):
+        stride = 2 if self.reduction and j < 2 else 1
+        node = node + _op(op, c, stride, axis, f'node{i}_{branch}')(
+            states[j], train)
+      states.append(node)
+    concat, reduced = _cell_plan(self.cell, nodes, self.reduction)
+    for j in reduced:
+      states[j] = ops.FactorizedReduce(c, relu=False, bn_axis_name=axis,
+                                       name=f'combine{j}')(states[j], train)
+    return jnp.concatenate([states[j] for j in concat], -1)
+
+class NASNetwork(nn.Module):
+  """NAO_V2/model.py NASNetworkCIFAR without auxiliary head or drop path:
+  stem Conv3x3 to 3C + BN, 3N + 2 cells with reductions at N and 2N + 1,
+  global average pool, linear. Search size N=3, C=20; final N=6, C=36."""
+  normal: tuple
+  reduce: tuple
+  layers: int = 3
+  channels: int = 20
+  num_classes: int = 10
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    c = self.channels
+    s = ops.Conv(3 * c, 3, padding=1, name='stem')(x)
+    s0 = s1 = ops.batch_norm(train, True, self.bn_axis_name,
+                             name='stem_bn')(s)
+    pools = (self.layers, 2 * self.layers + 1)
+    for i in range(3 * self.layers + 2):
+      reduction = i in pools
+      if reduction:
+        c *= 2
+      cell = Cell(self.reduce if reduction else self.normal, c, reduction,
+                  self.bn_axis_name, name=f'cell{i}')
+      s0, s1 = s1, cell(s0, s1, train)
+    out = jnp.mean(s1, axis=(1, 2))
+    return nn.Dense(self.num_classes, name='classifier')(out)
