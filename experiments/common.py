@@ -306,7 +306,8 @@ class RunCheckpoints:
   """A run's checkpoints in `<workdir>/checkpoints`, with what resuming
   needs besides the state: the config's fingerprint (a checkpoint of
   another config is refused) and the epoch's running metric sums
-  (`PendingMetrics`), so a run resumed mid-epoch logs the same epoch means.
+  (`pending`, the run's `PendingMetrics`), so a run resumed mid-epoch logs
+  the same epoch means.
 
   Every process calls every method; they must see the same checkpoints.
 
@@ -314,15 +315,22 @@ class RunCheckpoints:
     workdir: the run's workdir.
     fingerprint: `jaxnas.checkpoint.config_fingerprint` of the config.
     par: the run's `DataParallel`.
-    pending: the run's `PendingMetrics` (flushed before each save).
     keep: checkpoints kept.
+    steps_per_epoch: to name a non-finite step's epoch.
+    advice: the first words of the non-finite error's advice (the last good
+      checkpoint follows).
   """
 
-  def __init__(self, workdir: str, fingerprint: str, par, pending, keep: int):
+  def __init__(self, workdir: str, fingerprint: str, par, keep: int,
+               steps_per_epoch: int,
+               advice: str = 'Lower the learning rates or check the data.'):
     from jaxnas import checkpoint  # pylint: disable=g-import-not-at-top
     self.dir = os.path.join(workdir, 'checkpoints')
     self.ckpt = checkpoint.Checkpointer(self.dir, max_to_keep=keep)
-    self.fingerprint, self.par, self.pending = fingerprint, par, pending
+    self.fingerprint, self.par = fingerprint, par
+    self.pending = PendingMetrics(par.get_state, lambda: (
+        f'{advice} The last good checkpoint is step {self.latest_step()} in '
+        f'{workdir} (nothing after it was saved).'), steps_per_epoch)
     self.start = self.ckpt.latest_step()
     if len(set(all_processes(-1 if self.start is None else self.start))) > 1:
       raise checkpoint.CheckpointError(

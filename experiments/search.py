@@ -728,14 +728,10 @@ def search(config, workdir: str):
   sample = seeds.batches[0].batch(0)['train']['image'][:1]
   num_cells = (3 * config.cells_per_stage + 2 if config.get('space') == 'nb201'
                else config.layers)  # NB-201: N cells x 3 + 2 ResNet blocks
-  pending = common.PendingMetrics(par.get_state, lambda: (
-      'Lower the learning rates or check the data. The last good checkpoint '
-      f'is step {ckpts.latest_step()} in {workdir} (nothing after it was '
-      'saved).'), steps_per_epoch)
   ckpts = common.RunCheckpoints(
       workdir, checkpoint.config_fingerprint(config_dict, RESUME_IGNORE), par,
-      pending, config.keep_checkpoints)
-  start = ckpts.start
+      config.keep_checkpoints, steps_per_epoch)
+  pending, start = ckpts.pending, ckpts.start
   if start is None:
     state = par.put_state(seeds.init(sample))
     held_out = ('test examples for evaluation' if config.train_portion == 1

@@ -152,15 +152,16 @@ def network_summary(net, image_shape) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jaxnas.spaces import darts_eval  # pylint: disable=g-import-not-at-top
   image_shape = (1,) + tuple(image_shape[1:])
-  params = darts_eval.abstract_params(net, image_shape)
   if hasattr(net, 'depthwise_impl'):
-    net = net.clone(depthwise_impl='grouped')  # no zero taps counted
-  x = jax.ShapeDtypeStruct(image_shape, jnp.float32)
-  variables = jax.eval_shape(
-      lambda: net.init(jax.random.key(0), jnp.zeros(image_shape),
-                       train=False))
+    # Same parameter shapes; no zero taps counted as multiply-adds.
+    net = net.clone(depthwise_impl='grouped')
+  # One trace in training mode gives every variable (auxiliary head too);
+  # evaluation mode reads the same ones.
+  variables = darts_eval.abstract_variables(net, image_shape)
+  params = variables['params']
   macs = darts_eval.count_macs(
-      lambda v, x: net.apply(v, x, train=False), variables, x)
+      lambda v, x: net.apply(v, x, train=False), variables,
+      jax.ShapeDtypeStruct(image_shape, jnp.float32))
   return {'params': darts_eval.count_params(params),
           'params_with_aux': darts_eval.count_params(params, exclude=()),
           'macs': macs}
@@ -256,14 +257,11 @@ def train(config, workdir: str, genotype: str = None):
   # A raw uint32 key: Orbax saves it as an array.
   init = lambda: trainer.init(jax.random.PRNGKey(config.seed),
                               (1,) + image_shape)
-  pending = common.PendingMetrics(par.get_state, lambda: (
-      'Lower the learning rate or check the data. The last good checkpoint '
-      f'is step {ckpts.latest_step()} in {workdir} (nothing after it was '
-      'saved).'), steps_per_epoch)
   ckpts = common.RunCheckpoints(
       workdir, checkpoint.config_fingerprint(config_dict, RESUME_IGNORE), par,
-      pending, config.keep_checkpoints)
-  start = ckpts.start
+      config.keep_checkpoints, steps_per_epoch,
+      advice='Lower the learning rate or check the data.')
+  pending, start = ckpts.pending, ckpts.start
   if start is None:
     state = par.put_state(init())
     msg = (_summary_text(config, arch, summary, image_shape[0],

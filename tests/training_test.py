@@ -81,12 +81,7 @@ class TrainStepTest(absltest.TestCase):
     s1 = state
     for _ in range(2):
       s1, m1 = one(s1, self.batch)
-    par = parallel.DataParallel('pmap', 8)
-    step8 = par.step(trainer.step)
-    s8 = par.put_state(state)
-    for _ in range(2):
-      s8, m8 = step8(s8, par.put_batch(self.batch))
-    s8 = par.get_state(s8)
+    s8, m8 = helpers.pmap_steps(trainer.step, state, [self.batch] * 2)
     chex.assert_trees_all_close(s8.params, s1.params, atol=1e-5)
     chex.assert_trees_all_close(s8.batch_stats, s1.batch_stats, atol=1e-5)
     np.testing.assert_allclose(np.asarray(m8['train_loss'])[0],

@@ -261,14 +261,18 @@ def init(net: nn.Module, key: jax.Array, image_shape: Sequence[int],
   return variables['params'], variables.get('batch_stats', {})
 
 
-def abstract_params(net: nn.Module, image_shape: Sequence[int]) -> PyTree:
-  """Shapes of `net`'s params in training mode (auxiliary head included),
-  without computing anything."""
+def abstract_variables(net: nn.Module, image_shape: Sequence[int]) -> PyTree:
+  """Shapes of all of `net`'s variables in training mode (auxiliary head
+  included), without computing anything."""
   key = jax.random.key(0)
-  variables = jax.eval_shape(
+  return jax.eval_shape(
       lambda: net.init({'params': key, 'drop_path': key},
                        jnp.zeros(tuple(image_shape)), train=True))
-  return variables['params']
+
+
+def abstract_params(net: nn.Module, image_shape: Sequence[int]) -> PyTree:
+  """Shapes of `net`'s params in training mode (auxiliary head included)."""
+  return abstract_variables(net, image_shape)['params']
 
 
 def count_params(params: PyTree, exclude: Sequence[str] = (AUX_NAME,)) -> int:

@@ -197,12 +197,7 @@ class StepTest(absltest.TestCase):
     state1 = state
     for b in batches:
       state1, m1 = one(state1, b)
-    par = parallel.DataParallel('pmap', 8)
-    step8 = par.step(method.step)
-    state8 = par.put_state(state)
-    for b in batches:
-      state8, m8 = step8(state8, par.put_batch(b))
-    state8 = par.get_state(state8)
+    state8, m8 = helpers.pmap_steps(method.step, state, batches)
     self.assertLess(float(m1['kept_ops']), 1.)
     chex.assert_trees_all_close(state8.arch, state1.arch, atol=1e-6)
     chex.assert_trees_all_close(state8.params, state1.params, atol=1e-5)

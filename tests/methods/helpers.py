@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnas import parallel
+
 
 def random_batch(seed: int, n: int, size: int, channels: int = 1,
                  classes: int = 10) -> dict:
@@ -12,6 +14,18 @@ def random_batch(seed: int, n: int, size: int, channels: int = 1,
   return {'image': jnp.asarray(rng.normal(size=(n, size, size, channels)),
                                jnp.float32),
           'label': jnp.asarray(rng.integers(0, classes, n), jnp.int32)}
+
+
+def pmap_steps(step_fn, state, batches, num_devices: int = 8):
+  """Runs `step_fn` over `batches` data-parallel on `num_devices` devices
+  (pmap); returns (the final state on the host, the last step's metrics,
+  one copy per device)."""
+  par = parallel.DataParallel('pmap', num_devices)
+  step = par.step(step_fn)
+  state = par.put_state(state)
+  for b in batches:
+    state, metrics = step(state, par.put_batch(b))
+  return par.get_state(state), metrics
 
 
 def changed(a, b) -> bool:

@@ -166,12 +166,8 @@ class RomeStepTest(absltest.TestCase):
     for k in ('train_loss', 'val_loss', 'grad_norm'):
       self.assertTrue(np.isfinite(float(m1[k])), k)
 
-    par = parallel.DataParallel('pmap', 8)
-    step8 = par.step(self.method.step)
-    state8 = par.put_state(self.state)
-    for _ in range(2):
-      state8, m8 = step8(state8, par.put_batch(self.batch))
-    state8 = par.get_state(state8)
+    state8, m8 = helpers.pmap_steps(self.method.step, self.state,
+                                    [self.batch] * 2)
     chex.assert_trees_all_close(state8.arch, state1.arch, atol=1e-6)
     chex.assert_trees_all_close(state8.params, state1.params, atol=1e-5)
     np.testing.assert_allclose(np.asarray(m8['train_loss'])[0],
