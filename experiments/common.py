@@ -57,13 +57,15 @@ class MetricLog:
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
                                flush_secs=30)
 
-  def truncate(self, step: int) -> None:
-    """Keeps only the records of steps <= `step`."""
+  def truncate(self, step: int, drop=None) -> None:
+    """Keeps only the records of steps <= `step`, and of those only the
+    ones `drop(record)` is false for (if given)."""
     if not self.enabled or not os.path.exists(self.path):
       return
     with open(self.path) as f:
       kept = [line for line in f
-              if line.strip() and json.loads(line).get('step', 0) <= step]
+              if line.strip() and json.loads(line).get('step', 0) <= step and
+              not (drop and drop(json.loads(line)))]
     atomic_write(self.path, ''.join(kept))
 
   def write(self, step: int, record: Mapping[str, Any],

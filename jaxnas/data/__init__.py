@@ -16,6 +16,7 @@ from jaxnas.data.pipeline import cutout_mask
 from jaxnas.data.pipeline import Dataset
 from jaxnas.data.pipeline import eval_batches
 from jaxnas.data.pipeline import host_slice
+from jaxnas.data.pipeline import normalise
 from jaxnas.data.pipeline import SearchBatches
 from jaxnas.data.pipeline import Split
 from jaxnas.data.pipeline import split

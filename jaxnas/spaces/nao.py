@@ -249,6 +249,7 @@ class Cell(nn.Module):
                                        name=f'combine{j}')(states[j], train)
     return jnp.concatenate([states[j] for j in concat], -1)
 
+
 class NASNetwork(nn.Module):
   """NAO_V2/model.py NASNetworkCIFAR without auxiliary head or drop path:
   stem Conv3x3 to 3C + BN, 3N + 2 cells with reductions at N and 2N + 1,
@@ -276,3 +277,15 @@ class NASNetwork(nn.Module):
       s0, s1 = s1, cell(s0, s1, train)
     out = jnp.mean(s1, axis=(1, 2))
     return nn.Dense(self.num_classes, name='classifier')(out)
+
+
+class Trainable(nn.Module):
+  """`net` in `jaxnas.training`'s interface: `(x, train, drop_path)` ->
+  `(logits, None)`. Drop path is not applied (the stand-alone network has
+  none yet), nor an auxiliary head."""
+  net: NASNetwork
+
+  @nn.compact
+  def __call__(self, x, train: bool, drop_path=None):
+    del drop_path
+    return self.net(x, train), None

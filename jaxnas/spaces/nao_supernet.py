@@ -194,7 +194,9 @@ class Branch(nn.Module):
   `__call__(inputs, nodes, j, op)`: `inputs` [2, B, H, W, C] are the cell's
   calibrated inputs, `nodes` [i, B, H', W', C] the earlier nodes (None for
   node 0); j selects the state (0, 1: an input, read at the cell's stride;
-  2..: node j - 2) and `op` the op.
+  2..: node j - 2) and `op` the op. A normal cell's branch switches over its
+  5 ops; a reduction cell's over 10 (each op at stride 2 on an input, or at
+  stride 1 on a node).
   """
   node: int
   channels: int
@@ -229,22 +231,29 @@ class Branch(nn.Module):
       if j < 2:
         return self._op(int(op), inputs[j], j, stride)
       return self._op(int(op), nodes[j - 2], j, 1)
-    # Branch b < num_ops: op b on input min(j, 1) at the cell's stride;
-    # num_ops + b: op b on node max(j - 2, 0) at stride 1. In a normal cell
-    # the two halves compute the same shapes.
-    x_in = _take(inputs, jnp.minimum(j, 1))
-    x_node = (_take(nodes, jnp.maximum(j - 2, 0)) if nodes is not None
-              else None)
-    branches = [lambda m, a, b, jj, k=k: m._op(k, a, jnp.minimum(jj, 1),
-                                                stride)
-                for k in range(num_ops)]
-    index = op
-    if x_node is not None:
-      branches += [lambda m, a, b, jj, k=k: m._op(k, b, jj, 1)
-                   for k in range(num_ops)]
-      index = op + num_ops * (j >= 2)
+    if not self.reduction:
+      # Every state has the same shape: one op per branch, on state j.
+      states = inputs if nodes is None else jnp.concatenate([inputs, nodes])
+      x = _take(states, j)
+      branches = [lambda m, a, b, jj, k=k: m._op(k, a, jj, 1)
+                  for k in range(num_ops)]
+      x_in = x_node = x
+      index = op
     else:
-      x_node = x_in  # unused operand of node 0
+      # Branch b < num_ops: op b on input j (0 or 1) at stride 2;
+      # num_ops + b: op b on node j - 2 at stride 1.
+      x_in = _take(inputs, jnp.minimum(j, 1))
+      branches = [lambda m, a, b, jj, k=k: m._op(k, a, jnp.minimum(jj, 1),
+                                                  stride)
+                  for k in range(num_ops)]
+      index = op
+      if nodes is not None:
+        x_node = _take(nodes, jnp.maximum(j - 2, 0))
+        branches += [lambda m, a, b, jj, k=k: m._op(k, b, jj, 1)
+                     for k in range(num_ops)]
+        index = op + num_ops * (j >= 2)
+      else:
+        x_node = x_in  # unused operand of node 0
     if self.is_initializing():  # create every op's variables
       outs = [b(self, x_in, x_node, j) for b in branches]
       return outs[0]
