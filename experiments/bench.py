@@ -19,7 +19,8 @@ devices: `XLA_FLAGS=--xla_force_host_platform_device_count=8`).
 
 Sizes: `small` is C=8, 5 cells, batch 32 on 32x32 images; `paper` is the
 method's search setting from its config (DARTS, ROME: C=16, 8 cells, batch
-64). `--samples K` sets ROME's / GDAS' samples per update;
+64; NAO-V2: its supernet, C=20, 11 cells of 5 nodes, batch 64, one random
+architecture per step). `--samples K` sets ROME's / GDAS' samples per update;
 `--compile_only` skips running (compile time and XLA memory only).
 Inputs are random 32x32x3 images with 10 classes, as in the PyTorch numbers
 quoted in BENCHMARKS.md.
@@ -34,7 +35,8 @@ import time
 from absl import app
 from absl import flags
 
-_METHOD = flags.DEFINE_enum('method', 'darts', ['darts', 'rome', 'gdas'],
+_METHOD = flags.DEFINE_enum('method', 'darts',
+                            ['darts', 'rome', 'gdas', 'nao'],
                             'Search method.')
 _SIZE = flags.DEFINE_enum('size', 'small', ['small', 'paper'],
                           'small: C=8, 5 cells, batch 32; paper: the '
@@ -50,6 +52,10 @@ _SHARE = flags.DEFINE_bool('share_backward', None,
                            'Override the config\'s share_backward.')
 _SAMPLES = flags.DEFINE_integer('samples', None,
                                 'ROME / GDAS: override K (num_samples).')
+_POOL = flags.DEFINE_integer(
+    'pool', 0, 'NAO: also time scoring this many random architectures with '
+    "the supernet, each on its own batch of the config's eval_batch_size "
+    '(500) images (`pool_s`, `pool_per_arch_s`, `pool_compile_s`).')
 _COMPILE_ONLY = flags.DEFINE_bool(
     'compile_only', False, 'Report compile time and XLA memory analysis '
     'without running steps.')
@@ -65,6 +71,11 @@ SIZES = {
     'small': dict(init_channels=8, layers=5, batch_size=32),
     'paper': {},
 }
+# NAO's config names the width `channels` and counts N (3N + 2 cells).
+NAO_SIZES = {
+    'small': dict(channels=8, layers=1, batch_size=32),
+    'paper': {},
+}
 
 
 def _config(method: str, size: str):
@@ -72,9 +83,63 @@ def _config(method: str, size: str):
   import importlib  # pylint: disable=g-import-not-at-top
   c = importlib.import_module(f'experiments.configs.{method}').get_config(
       'cifar10')
-  for k, v in SIZES[size].items():
+  for k, v in (NAO_SIZES if method == 'nao' else SIZES)[size].items():
     c[k] = v
   return c
+
+
+def _nao(config, num_classes: int, image_size: int, rng):
+  """NAO-V2's supernet step as a (init, step) pair of the bench's form, and
+  two batches, each with its own random architecture."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxnas import optim  # pylint: disable=g-import-not-at-top
+  from jaxnas import parallel  # pylint: disable=g-import-not-at-top
+  from jaxnas.methods import nao as nao_method  # pylint: disable=g-import-not-at-top
+  from jaxnas.spaces import nao  # pylint: disable=g-import-not-at-top
+  from jaxnas.spaces import nao_supernet  # pylint: disable=g-import-not-at-top
+  net = nao_supernet.NASWSNetwork(
+      layers=config.layers, nodes=config.nodes, channels=config.channels,
+      num_classes=num_classes, drop_path_keep=config.drop_path_keep,
+      depthwise_impl=config.depthwise_impl,
+      bn_axis_name=parallel.AXIS if config.sync_bn else None)
+  tx = optim.torch_sgd(config.lr, momentum=config.momentum,
+                       weight_decay=config.weight_decay,
+                       clip_norm=config.grad_clip)
+  init, step, pool = nao_method.make(net, tx, phase_steps=100)
+  archs = nao.random_archs(2, rng, config.nodes).reshape(2, 2, config.nodes,
+                                                         4)
+  batches = [{'image': rng.standard_normal(
+      (config.batch_size, image_size, image_size, 3), np.float32),
+              'label': rng.integers(0, num_classes, config.batch_size,
+                                    dtype=np.int32),
+              'arch': np.broadcast_to(a.astype(np.int32),
+                                      (config.batch_size,) + a.shape)}
+             for a in archs]
+  return (lambda key, sample: init(key, sample.shape)), step, batches, pool
+
+
+def _time_pool(pool, variables, config, size: int, image_size: int, rng):
+  """Compile and run time of scoring `size` random architectures in one
+  call (`jaxnas.methods.nao.pool_correct`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxnas.spaces import nao  # pylint: disable=g-import-not-at-top
+  n = config.eval_batch_size
+  images = rng.standard_normal((2 * n, image_size, image_size, 3), np.float32)
+  labels = rng.integers(0, 10, 2 * n, dtype=np.int32)
+  archs = nao.random_archs(size, rng, config.nodes).reshape(
+      size, 2, config.nodes, 4).astype(np.int32)
+  idx = np.stack([rng.choice(2 * n, n, replace=False) for _ in range(size)])
+  fn = jax.jit(lambda *a: pool(*a, chunk=config.pool_chunk))
+  t = time.perf_counter()
+  compiled = fn.lower(variables, images, labels, archs, idx).compile()
+  compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  jax.block_until_ready(compiled(variables, images, labels, archs, idx))
+  run_s = time.perf_counter() - t
+  return {'pool_size': size, 'pool_images': n,
+          'pool_compile_s': round(compile_s, 2), 'pool_s': round(run_s, 2),
+          'pool_per_arch_s': round(run_s / size, 4)}
 
 
 def _rss_bytes(field: str) -> int:
@@ -102,8 +167,10 @@ def _reset_peak_rss() -> bool:
 def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
         depthwise_impl=None, batch_size=None, share_backward=None,
         parallel_mode: str = 'jit', devices=None, samples=None,
-        compile_only: bool = False) -> dict:
+        compile_only: bool = False, pool: int = 0) -> dict:
   """Benchmarks one step of `method_name` at `size`; returns the results.
+
+  `pool` (NAO only): also times scoring that many architectures.
 
   `parallel_mode` and `devices` choose `jaxnas.parallel.DataParallel`; the
   config's batch size is the global batch, split over the devices.
@@ -115,6 +182,7 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
 
   order = {'1': 'first', '2': 'second'}.get(order, order)
   config = _config(method_name, size)
+  width = config.get('init_channels', config.get('channels'))
   if method_name == 'darts':
     config.order = order
   else:
@@ -128,27 +196,33 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
   if share_backward is not None:
     config.share_backward = share_backward
   num_classes, image_size = 10, 32
-  _, method = search.build(config, num_classes, steps_per_epoch=100)
-
   rng = np.random.default_rng(0)
+  if method_name == 'nao':
+    init_fn, step_fn, batches, pool_fn = _nao(config, num_classes,
+                                              image_size, rng)
+    sample = batches[0]['image'][:1]
+  else:
+    _, method = search.build(config, num_classes, steps_per_epoch=100)
+    init_fn, step_fn = method.init, method.step
 
-  def half():
-    return {'image': rng.standard_normal(
-        (config.batch_size, image_size, image_size, 3), np.float32),
-            'label': rng.integers(0, num_classes, config.batch_size,
-                                  dtype=np.int32)}
+    def half():
+      return {'image': rng.standard_normal(
+          (config.batch_size, image_size, image_size, 3), np.float32),
+              'label': rng.integers(0, num_classes, config.batch_size,
+                                    dtype=np.int32)}
 
-  batches = [{'train': half(), 'val': half()} for _ in range(2)]
+    batches = [{'train': half(), 'val': half()} for _ in range(2)]
+    sample = batches[0]['train']['image'][:1]
 
   t = time.perf_counter()
-  state = method.init(jax.random.PRNGKey(0), batches[0]['train']['image'][:1])
+  state = init_fn(jax.random.PRNGKey(0), sample)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t
 
   par = parallel.DataParallel(parallel_mode, devices)
   state = par.put_state(state)
   batches = [par.put_batch(b) for b in batches]
-  step = par.step(method.step)
+  step = par.step(step_fn)
   t = time.perf_counter()
   lowered = step.lower(state, batches[0])
   lower_s = time.perf_counter() - t
@@ -166,7 +240,9 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
   info = {
       'method': method_name, 'size': size, 'order': order,
       'num_samples': config.get('num_samples'),
-      'init_channels': config.init_channels, 'layers': config.layers,
+      'init_channels': width, 'layers': config.layers,
+      'cells': (3 * config.layers + 2 if method_name == 'nao'
+                else config.layers),
       'batch_size': config.batch_size,
       'depthwise_impl': config.depthwise_impl,
       'share_backward': config.get('share_backward'),
@@ -195,6 +271,10 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
   loss = float(np.mean(jax.device_get(metrics['train_loss'])))
   rss_steps = _rss_bytes('VmHWM') if reset else None
 
+  if method_name == 'nao' and pool:
+    from jaxnas.methods import nao as nao_method  # pylint: disable=g-import-not-at-top
+    info.update(_time_pool(pool_fn, nao_method.state_variables(
+        par.get_state(state)), config, pool, image_size, rng))
   return {**info,
           'step_s': round(statistics.median(times), 4),
           'step_times_s': [round(x, 4) for x in times],
@@ -212,7 +292,7 @@ def main(argv):
   result = run(_METHOD.value, _SIZE.value, _ORDER.value, _STEPS.value,
                _DEPTHWISE.value, _BATCH.value, _SHARE.value,
                _PARALLEL.value, _DEVICES.value, _SAMPLES.value,
-               _COMPILE_ONLY.value)
+               _COMPILE_ONLY.value, _POOL.value)
   print(json.dumps(result))
 
 

@@ -126,6 +126,7 @@ class PoolScorer:
     of any size share one compilation."""
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
+    from jaxnas.methods import nao as nao_method  # pylint: disable=g-import-not-at-top
     rng = np.random.default_rng([self.seed, 5, phase])
     idx = np.stack([rng.choice(self.size, self.n, replace=False)
                     for _ in range(len(archs))]).astype(np.int32)
@@ -136,7 +137,8 @@ class PoolScorer:
     pad = common.round_up(len(archs), block) - len(archs)
     fill = lambda x: np.concatenate([x, np.repeat(x[:1], pad, 0)])
     archs, idx = fill(archs), fill(idx)
-    params = state.params if pmap else self.par.get_state(state).params
+    variables = nao_method.state_variables(
+        state if pmap else self.par.get_state(state))
     out = []
     for s in range(0, len(archs), block):
       a, i = archs[s:s + block], idx[s:s + block]
@@ -144,7 +146,7 @@ class PoolScorer:
         a = a.reshape((d, -1) + a.shape[1:])
         i = i.reshape((d, -1) + i.shape[1:])
       out.append(np.asarray(jax.device_get(self.fn(
-          params, self.images, self.labels, a, i))).reshape(-1))
+          variables, self.images, self.labels, a, i))).reshape(-1))
     return np.concatenate(out)[:len(archs) - pad] / self.n
 
 
@@ -408,8 +410,9 @@ def search(config, workdir: str):
         p, i = divmod(t, phase_steps)
         if phase_archs is None or i == 0:
           phase_archs = trained_in(p)
-          probs = nao.sample_probabilities(phase_archs, **size_kw,
-                                           classes=ds.num_classes)
+          probs = nao.sample_probabilities(
+              phase_archs, **size_kw, classes=ds.num_classes,
+              in_channels=train_split.images.shape[-1])
         arch = phase_archs[nao.sample_index(probs, config.seed, t)]
         batch = batches.batch(t)
         batch['arch'] = np.broadcast_to(arch.astype(np.int32),

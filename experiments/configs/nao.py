@@ -49,8 +49,14 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   # Supernet training: `phases` phases of `epochs` epochs.
   c.phases = 4                    # for i in range(4)
   c.epochs = 50                   # --child_epochs, per phase
+  # An epoch is 703 full batches of 45k (the reference's loader adds a
+  # partial 704th); the drop-path ramp spans the phase's steps.
   c.max_steps_per_epoch = ml_collections.config_dict.placeholder(int)
   c.batch_size = 64
+  # Each phase runs the cosine's epochs 1..50 (a new CosineAnnealingLR per
+  # iteration, stepped at each epoch's start), as PyTorch <= 1.3 computes
+  # it. (Current PyTorch's chainable form would restart at the optimizer's
+  # last rate, 0.001, and stay there: we take the restart the paper means.)
   c.lr = 0.025                    # --child_lr_max
   c.lr_min = 0.001                # --child_lr_min
   c.momentum = 0.9
@@ -77,7 +83,8 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   # Final re-ranking of the pool's top architectures, trained from scratch
   # at search size (train_and_evaluate_top_on_cifar10). 0 turns it off.
   # Differences from the reference: no auxiliary head, drop path or
-  # dropout (the reference: aux 0.4, drop-path keep 0.8, keep_prob 0.6).
+  # dropout (the reference: aux 0.4, drop-path keep 0.8, keep_prob 0.6),
+  # and the convolutions' default (PyTorch) init, not Kaiming normal.
   c.rerank_top = 5
   c.rerank_epochs = 10
   c.rerank_max_steps_per_epoch = ml_collections.config_dict.placeholder(int)

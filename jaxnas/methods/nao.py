@@ -9,15 +9,16 @@ renqianluo/NAO_pytorch `NAO_V2/train_search.py` (../shared/methods/nao_v2.md):
   step counter restarts every supernet phase. The architecture is an array
   argument, so a new architecture does not recompile.
 * `pool_correct`: each architecture's correct count on its own batch of
-  validation images, BNs in batch-statistics mode (`child_valid`), for a
+  validation images, BNs as `child_valid` has them (batch statistics but
+  for the stem's and the reductions' `fac_k`, see `nao_supernet`), for a
   whole pool in one call: `lax.map` over architectures (only the chosen ops
   run), optionally vmapped in chunks (`chunk`: on accelerators, where a
   vmapped switch computes all ops but in parallel).
 
 The state is `jaxnas.methods.base.SearchState` with an empty `arch` (NAO has
 no architecture parameters: its controller is `jaxnas.epd`, trained between
-phases on the pool's scores) and no `batch_stats` (the supernet's BNs keep
-none). Both run under `jit`, `pmap` and `shard_map` (`jaxnas.parallel`);
+phases on the pool's scores); its `batch_stats` are the running averages of
+the few BNs that keep them. Both run under `jit`, `pmap` and `shard_map` (`jaxnas.parallel`);
 under `pmap` the pool's architectures are split over the devices, each
 scoring its own whole (BN statistics must not mix architectures, so
 `pool_correct` uses `net` without a BN axis).
@@ -41,9 +42,9 @@ def init(key: jax.Array, image_shape, *, net: nao_supernet.NASWSNetwork,
          w_tx: optax.GradientTransformation) -> base.SearchState:
   """A fresh state: Kaiming-normal weights (`nao_supernet.init`)."""
   init_key, key = jax.random.split(key)
-  params = nao_supernet.init(net, init_key, image_shape)
+  params, batch_stats = nao_supernet.init(net, init_key, image_shape)
   return base.SearchState(step=jnp.zeros((), jnp.int32), params=params,
-                          batch_stats={}, arch={},
+                          batch_stats=batch_stats, arch={},
                           w_opt_state=w_tx.init(params), a_opt_state=(),
                           key=key)
 
@@ -68,11 +69,13 @@ def step(state: base.SearchState, batch, *, net: nn.Module,
   def loss_fn(params, arch, batch_stats, b):
     del arch
     sampled = b['arch'] if b['arch'].ndim == 3 else b['arch'][0]
-    logits = net.apply({'params': params}, b['image'], sampled, train=True,
-                       progress=progress, rngs={'drop_path': key})
+    logits, updates = net.apply(
+        {'params': params, 'batch_stats': batch_stats}, b['image'], sampled,
+        train=True, progress=progress, rngs={'drop_path': key},
+        mutable=['batch_stats'])
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits, b['label']).mean()
-    return loss, (batch_stats, logits)
+    return loss, (updates['batch_stats'], logits)
 
   state, metrics = base.weight_step(state, batch, loss_fn=loss_fn, w_tx=w_tx)
   metrics = {k: parallel.pmean(v) for k, v in metrics.items()}
@@ -81,14 +84,14 @@ def step(state: base.SearchState, batch, *, net: nn.Module,
   return state.replace(step=state.step + 1), metrics
 
 
-def pool_correct(params, images: jax.Array, labels: jax.Array,
+def pool_correct(variables, images: jax.Array, labels: jax.Array,
                  archs: jax.Array, indices: jax.Array, *,
                  net: nao_supernet.NASWSNetwork, chunk: int = 1
                  ) -> jax.Array:
   """Correct predictions of each architecture on its batch.
 
   Args:
-    params: supernet weights.
+    variables: {'params', 'batch_stats'} of the supernet (`state_variables`).
     images, labels: the validation split [N, H, W, C], [N].
     archs: [P, 2, nodes, 4] ints.
     indices: [P, n] rows of the split each architecture is scored on.
@@ -103,11 +106,16 @@ def pool_correct(params, images: jax.Array, labels: jax.Array,
 
   def one(args):
     arch, idx = args
-    logits = net.apply({'params': params}, images[idx], arch, train=False)
+    logits = net.apply(variables, images[idx], arch, train=False)
     return jnp.sum(jnp.argmax(logits, -1) == labels[idx]).astype(jnp.int32)
 
   return lax.map(one, (archs, indices),
                  batch_size=chunk if chunk > 1 else None)
+
+
+def state_variables(state: base.SearchState):
+  """The supernet's variables in `state`, as `pool_correct` takes them."""
+  return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
 def make(net: nao_supernet.NASWSNetwork, w_tx: optax.GradientTransformation,

@@ -136,7 +136,7 @@ def _cell_plan(cell, nodes: int, reduction: bool):
 
 def param_count(arch, *, layers: int = 3, nodes: int = NODES,
                 channels: int = 20, classes: int = 10,
-                stem_multiplier: int = 3) -> int:
+                stem_multiplier: int = 3, in_channels: int = 3) -> int:
   """Parameters of NASNetworkCIFAR(arch) (no auxiliary head), from the
   architecture's ints alone: what NAO-V2's balanced sampling weighs each
   architecture by (`layers` = N, 3N + 2 cells; search size N=3, C=20)."""
@@ -144,7 +144,7 @@ def param_count(arch, *, layers: int = 3, nodes: int = NODES,
   sep = lambda c, k: 2 * (k * k * c + c * c + 2 * c)
   fr = lambda c_in, c: c_in * c + 2 * c          # two 1x1 halves + BN
   c0 = stem_multiplier * channels
-  total = 27 * c0 + 2 * c0                        # stem conv + BN
+  total = 9 * in_channels * c0 + 2 * c0           # stem conv + BN
   prev = [(32, c0), (32, c0)]                     # (size, channels)
   c = channels
   pools = (layers, 2 * layers + 1)

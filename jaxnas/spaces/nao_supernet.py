@@ -28,11 +28,18 @@ compiled step serves every architecture and only the chosen op runs. A
 concrete (numpy) architecture takes the same computation with Python
 indexing instead (`static` below), which tests compare against.
 
-Choice (documented deviation): every BN here normalises with the batch's
-statistics and keeps no running averages. NAO-V2 never reads them: the
-supernet trains in batch-statistics mode and scores architectures with
-`bn_train=True`, and the re-ranking trains fresh networks. So the state is
-`params` alone, which keeps the switch free of mutable collections.
+Batch statistics: the supernet trains with every BN in batch-statistics
+mode, and scores architectures (`child_valid`) with `model.eval()` and
+`bn_train=True`, which puts back into batch mode only the BNs that receive
+the flag. Two kinds never do: the stem's BN and the reduction cells'
+FactorizedReduce of unread inputs 0 and 1 (`fac_1`, `fac_2`), so those
+normalise with running averages when architectures are scored. Here the
+same: those BNs (`RunningBatchNorm`) keep running averages (PyTorch's
+momentum 0.1, unbiased variance), updated in training (`fac_k`'s only on
+steps whose architecture leaves input k unread, when the reference calls
+it) and read with `train=False`; every other BN always uses the batch's
+statistics and keeps none (the reference's running averages of those are
+never read).
 """
 
 from typing import Optional, Sequence
@@ -147,15 +154,53 @@ class WSSepConv(nn.Module):
     return x
 
 
+class RunningBatchNorm(nn.Module):
+  """Affine BN with PyTorch's running averages (momentum 0.1, unbiased
+  variance): with `train` it normalises by the batch and, where `update`
+  (a traced bool), moves the averages; without, it uses the averages."""
+  axis_name: Optional[str] = None
+  epsilon: float = 1e-5
+  momentum: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool, update=True) -> jax.Array:
+    c, axes = x.shape[-1], tuple(range(x.ndim - 1))
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,))
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (c,))
+    if train:
+      stats = jnp.stack([jnp.mean(x, axes), jnp.mean(x * x, axes)])
+      axis_name = ops.bound_axis(self.axis_name)
+      count = x.size // c
+      if axis_name is not None:
+        stats = lax.pmean(stats, axis_name)
+        count = count * lax.psum(1, axis_name)
+      mean, var = stats[0], jnp.maximum(stats[1] - stats[0] ** 2, 0.)
+      if not self.is_initializing():
+        m = self.momentum
+        unbiased = var * count / max(count - 1, 1)
+        ra_mean.value = jnp.where(update, (1 - m) * ra_mean.value + m * mean,
+                                  ra_mean.value)
+        ra_var.value = jnp.where(update, (1 - m) * ra_var.value + m * unbiased,
+                                 ra_var.value)
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (x - mean) * lax.rsqrt(var + self.epsilon)
+    return (y * self.param('scale', nn.initializers.ones, (c,)) +
+            self.param('bias', nn.initializers.zeros, (c,)))
+
+
 class WSFactorizedReduce(nn.Module):
   """NAO's FactorizedReduce (no ReLU), one per input index: two 1x1 stride-2
-  convs, the second shifted by a pixel, concatenated, BN."""
+  convs, the second shifted by a pixel, concatenated, BN (WSBN; with
+  `running`, a single `RunningBatchNorm` instead)."""
   inputs: int
   channels: int
   bn_axis_name: Optional[str] = None
+  running: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, j=0) -> jax.Array:
+  def __call__(self, x: jax.Array, j=0, train: bool = True,
+               update=True) -> jax.Array:
     if self.channels % 2 or x.shape[1] % 2 or x.shape[2] % 2:
       raise ValueError('FactorizedReduce needs even channels and spatial '
                        f'sizes, got {self.channels} channels, '
@@ -165,8 +210,10 @@ class WSFactorizedReduce(nn.Module):
                                       j))
     b = jnp.dot(x[:, 1::2, 1::2], _take(self.param('conv2', WS_KAIMING, half),
                                         j))
-    return WSBatchNorm(self.inputs, self.bn_axis_name, name='bn')(
-        jnp.concatenate([a, b], -1), j)
+    y = jnp.concatenate([a, b], -1)
+    if self.running:
+      return RunningBatchNorm(self.bn_axis_name, name='bn')(y, train, update)
+    return WSBatchNorm(self.inputs, self.bn_axis_name, name='bn')(y, j)
 
 
 class ReLUConv1x1BN(nn.Module):
@@ -299,11 +346,13 @@ class WSCell(nn.Module):
         node = node + y
       nodes.append(node)
     states = list(inputs) + nodes
-    if self.reduction:  # FinalCombine's FactorizedReduce of unread inputs
-      states[0] = WSFactorizedReduce(1, c, axis, name='reduce_0')(states[0])
-      states[1] = WSFactorizedReduce(1, c, axis, name='reduce_1')(states[1])
     ids = jnp.asarray(cell)[:, ::2].reshape(-1)
     unused = jnp.zeros(self.nodes + 2).at[ids].add(1.) == 0
+    if self.reduction:  # fac_1, fac_2: FactorizedReduce of unread inputs
+      for k in (0, 1):
+        states[k] = WSFactorizedReduce(1, c, axis, running=True,
+                                       name=f'reduce_{k}')(
+                                           states[k], 0, train, unused[k])
     w = self.param('combine', WS_KAIMING, (self.nodes + 2, c, c))
     x = jnp.concatenate([jnp.where(unused[k], nn.relu(s), 0.)
                          for k, s in enumerate(states)], -1)
@@ -325,8 +374,11 @@ class NASWSNetwork(nn.Module):
 
   `__call__(x, arch, train, progress)`: `arch` int [2, nodes, 4] (a traced
   array, or numpy for the concrete path); `train` enables drop path (needs
-  the 'drop_path' rng) at `progress` = (step + 1) / steps of the phase.
-  BNs always use batch statistics (see the module docstring).
+  the 'drop_path' rng) at `progress` = (step + 1) / steps of the phase and
+  updates the running averages of the stem's and the `reduce_k` BNs
+  (`mutable=['batch_stats']`); without it those BNs use their averages and
+  the rest the batch's statistics, as the reference scores architectures
+  (see the module docstring).
   """
   layers: int = 3
   nodes: int = nao.NODES
@@ -346,8 +398,7 @@ class NASWSNetwork(nn.Module):
     w = self.param('stem', KAIMING, (3, 3, x.shape[-1], 3 * c))
     s = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    s0 = s1 = ops.BatchStatsNorm(axis_name=self.bn_axis_name,
-                                 name='stem_bn')(s)
+    s0 = s1 = RunningBatchNorm(self.bn_axis_name, name='stem_bn')(s, train)
     pools = (self.layers, 2 * self.layers + 1)
     total = 3 * self.layers + 2
     for i in range(total):
@@ -365,7 +416,9 @@ class NASWSNetwork(nn.Module):
 
 
 def init(net: NASWSNetwork, key: jax.Array, image_shape: Sequence[int]):
-  """The supernet's params from shapes alone (`jaxnas.ops.lazy_init`)."""
+  """The supernet's (params, batch_stats) from shapes alone
+  (`jaxnas.ops.lazy_init`)."""
   images = jax.ShapeDtypeStruct(tuple(image_shape), jnp.float32)
   arch = jax.ShapeDtypeStruct((2, net.nodes, 4), jnp.int32)
-  return ops.lazy_init(net, key, images, arch, train=False)['params']
+  variables = ops.lazy_init(net, key, images, arch, train=False)
+  return variables['params'], variables['batch_stats']

@@ -33,7 +33,7 @@ def _state():
 
 @functools.cache
 def _forward():
-  return jax.jit(lambda p, x, a: NET.apply({'params': p}, x, a))
+  return jax.jit(lambda v, x, a: NET.apply(v, x, a))
 
 
 def _archs(n, seed, nodes=NODES):
@@ -48,6 +48,7 @@ class SupernetTest(absltest.TestCase):
     super().setUpClass()
     cls.net = NET
     cls.params = _state().params
+    cls.variables = nao_method.state_variables(_state())
     cls.batch = helpers.random_batch(1, 8, 8, channels=3)
 
   def test_weights_per_node_branch_op_and_input(self):
@@ -72,16 +73,39 @@ class SupernetTest(absltest.TestCase):
     forward = _forward()
     outs = []
     for arch in _archs(3, seed=1):
-      y = forward(self.params, self.batch['image'],
+      y = forward(self.variables, self.batch['image'],
                   jnp.asarray(arch, jnp.int32))
       # The concrete path indexes with Python ints, no switch.
-      ref = self.net.apply({'params': self.params}, self.batch['image'],
-                           arch)
+      ref = self.net.apply(self.variables, self.batch['image'], arch)
       chex.assert_shape(y, (8, 10))
       np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
       outs.append(np.asarray(y))
     self.assertEqual(forward._cache_size(), 1)   # one trace, 3 archs
     self.assertGreater(np.abs(outs[0] - outs[1]).max(), 1e-3)
+
+  def test_running_batch_norm(self):
+    bn = nao_supernet.RunningBatchNorm()
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 3, 2)) * 2. + 1.
+    v = bn.init(jax.random.PRNGKey(1), x, train=False)
+    y, upd = bn.apply(v, x, train=True, mutable=['batch_stats'])
+    flat = np.asarray(x).reshape(-1, 2)
+    # PyTorch: running = 0.9 * running + 0.1 * batch (unbiased variance).
+    np.testing.assert_allclose(upd['batch_stats']['mean'],
+                               0.1 * flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(upd['batch_stats']['var'],
+                               0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 2),
+                               (flat - flat.mean(0)) / np.sqrt(
+                                   flat.var(0) + 1e-5), rtol=1e-4, atol=1e-5)
+    _, same = bn.apply(v, x, train=True, update=False,
+                       mutable=['batch_stats'])
+    np.testing.assert_array_equal(same['batch_stats']['var'], 1.)
+    # Without `train` the averages normalise.
+    z = bn.apply({**v, 'batch_stats': upd['batch_stats']}, x, train=False)
+    np.testing.assert_allclose(np.asarray(z).reshape(-1, 2), (flat - 0.1 *
+                                flat.mean(0)) / np.sqrt(np.asarray(
+                                    upd['batch_stats']['var']) + 1e-5),
+                               rtol=1e-4, atol=1e-5)
 
   def test_drop_path(self):
     x = jnp.ones((4000, 1, 1, 2))
@@ -127,6 +151,15 @@ class StepTest(absltest.TestCase):
       self.assertTrue(np.isfinite(float(m['train_loss'])))
       if t == 0:
         self._check_moved(prev.params, s.params, archs[0], nodes)
+        # Running averages: the stem's move every step; a reduction cell's
+        # fac_k only when the architecture leaves input k unread.
+        self.assertTrue(helpers.changed(prev.batch_stats['stem_bn'],
+                                        s.batch_stats['stem_bn']))
+        read = set(archs[0][1][:, ::2].reshape(-1))
+        for k in (0, 1):
+          self.assertEqual(helpers.changed(
+              prev.batch_stats['cell1'][f'reduce_{k}'],
+              s.batch_stats['cell1'][f'reduce_{k}']), k not in read, k)
     self.assertLen(traces, 1)       # three architectures, one trace
     self.assertEqual(int(s.step), 3)
 
@@ -136,11 +169,12 @@ class StepTest(absltest.TestCase):
     pool_archs = jnp.asarray(_archs(6, seed=5, nodes=nodes), jnp.int32)
     idx = jnp.asarray(np.stack([rng.choice(40, 12, replace=False)
                                 for _ in range(6)]))
-    got = jax.jit(POOL)(s.params, val['image'], val['label'], pool_archs,
+    variables = nao_method.state_variables(s)
+    got = jax.jit(POOL)(variables, val['image'], val['label'], pool_archs,
                         idx)
     chex.assert_shape(got, (6,))
     forward = _forward()
-    want = [int(np.sum(np.argmax(forward(s.params, val['image'][i], a), -1)
+    want = [int(np.sum(np.argmax(forward(variables, val['image'][i], a), -1)
                        == val['label'][i])) for a, i in zip(pool_archs, idx)]
     np.testing.assert_array_equal(got, want)
 
