@@ -244,18 +244,26 @@ class Branch(nn.Module):
   2..: node j - 2) and `op` the op. A normal cell's branch switches over its
   5 ops; a reduction cell's over 10 (each op at stride 2 on an input, or at
   stride 1 on a node).
+
+  `remat`: the separable convolutions are rematerialised in the backward
+  pass. Under `jax.grad` a switch keeps the residuals of every branch (zeros
+  for those not taken), so without it each step allocates and fills all
+  ops' activations; with it a branch's residuals are its inputs.
   """
   node: int
   channels: int
   reduction: bool
   depthwise_impl: str = 'auto'
   bn_axis_name: Optional[str] = None
+  remat: bool = True
 
   def setup(self):
     n, kw = self.node + 2, dict(depthwise_impl=self.depthwise_impl,
                                 bn_axis_name=self.bn_axis_name)
-    self.sep3 = WSSepConv(n, 3, **kw)
-    self.sep5 = WSSepConv(n, 5, **kw)
+    sep = (nn.remat(WSSepConv, static_argnums=(3,)) if self.remat
+           else WSSepConv)
+    self.sep3 = sep(n, 3, **kw)
+    self.sep5 = sep(n, 5, **kw)
     if self.reduction:
       self.reduce = WSFactorizedReduce(2, self.channels, self.bn_axis_name)
 
@@ -317,6 +325,7 @@ class WSCell(nn.Module):
   drop_path_keep: float = 0.9
   depthwise_impl: str = 'auto'
   bn_axis_name: Optional[str] = None
+  remat: bool = True
 
   @nn.compact
   def __call__(self, s0, s1, cell, *, train: bool, progress):
@@ -339,7 +348,7 @@ class WSCell(nn.Module):
         if static:
           j, op = int(j), int(op)
         y = Branch(i, c, self.reduction, self.depthwise_impl, axis,
-                   name=f'node{i}_{name}')(
+                   self.remat, name=f'node{i}_{name}')(
                        inputs, jnp.stack(nodes) if nodes else None, j, op)
         if train:
           y = _drop_path(y, keep, self.make_rng('drop_path'))
@@ -387,6 +396,7 @@ class NASWSNetwork(nn.Module):
   drop_path_keep: float = 0.9
   depthwise_impl: str = 'auto'
   bn_axis_name: Optional[str] = None
+  remat: bool = True
 
   @nn.compact
   def __call__(self, x, arch, train: bool = False, progress=1.):
@@ -406,7 +416,8 @@ class NASWSNetwork(nn.Module):
       if reduction:
         c *= 2
       cell = WSCell(self.nodes, c, reduction, i, total, self.drop_path_keep,
-                    self.depthwise_impl, self.bn_axis_name, name=f'cell{i}')
+                    self.depthwise_impl, self.bn_axis_name, self.remat,
+                    name=f'cell{i}')
       s0, s1 = s1, cell(s0, s1, arch[1 if reduction else 0], train=train,
                         progress=progress)
     out = jnp.mean(s1, axis=(1, 2))
