@@ -356,6 +356,16 @@ def search(config, workdir: str):
     return np.asarray(read_round(p - 1)['new'], np.int64).reshape(
         -1, 2, config.nodes, 4)
 
+  def to_train(p):
+    """`trained_in(p)`, or the whole pool so far if the EPD found no new
+    architecture (every ascent step decoded to known ones)."""
+    archs = trained_in(p)
+    if len(archs):
+      return archs
+    progress.write(f'phase {p}: no new architectures were generated; '
+                   'training the whole pool instead')
+    return np.concatenate([trained_in(q) for q in range(p)])
+
   epd_params = epd_model.init(jax.random.PRNGKey(config.seed),
                               np.zeros((1, enc.length), np.int32))['params']
 
@@ -409,7 +419,7 @@ def search(config, workdir: str):
       for t in range(start, total_steps):
         p, i = divmod(t, phase_steps)
         if phase_archs is None or i == 0:
-          phase_archs = trained_in(p)
+          phase_archs = to_train(p)
           probs = nao.sample_probabilities(
               phase_archs, **size_kw, classes=ds.num_classes,
               in_channels=train_split.images.shape[-1])
