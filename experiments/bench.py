@@ -100,7 +100,7 @@ def _nao(config, num_classes: int, image_size: int, rng):
   net = nao_supernet.NASWSNetwork(
       layers=config.layers, nodes=config.nodes, channels=config.channels,
       num_classes=num_classes, drop_path_keep=config.drop_path_keep,
-      depthwise_impl=config.depthwise_impl,
+      depthwise_impl=config.depthwise_impl, op_select=config.op_select,
       bn_axis_name=parallel.AXIS if config.sync_bn else None)
   tx = optim.torch_sgd(config.lr, momentum=config.momentum,
                        weight_decay=config.weight_decay,

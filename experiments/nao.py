@@ -78,6 +78,9 @@ def validate(config) -> None:
                     f'{config.epd_trade_off}')
   if not 0 < config.epd_train_portion < 1:
     problems.append('epd_train_portion must be in (0, 1)')
+  if config.op_select not in ('auto', 'switch', 'mask'):
+    problems.append(f"op_select must be 'auto', 'switch' or 'mask', got "
+                    f'{config.op_select!r}')
   if config.parallel not in ('pmap', 'jit'):
     problems.append(f"parallel must be 'pmap' or 'jit', got "
                     f'{config.parallel!r}')
@@ -295,7 +298,7 @@ def search(config, workdir: str):
   net = nao_supernet.NASWSNetwork(
       **size_kw, num_classes=ds.num_classes,
       drop_path_keep=config.drop_path_keep,
-      depthwise_impl=config.depthwise_impl,
+      depthwise_impl=config.depthwise_impl, op_select=config.op_select,
       bn_axis_name=parallel.AXIS if config.sync_bn else None)
   cosine = optim.darts_cosine(config.lr, config.lr_min, config.epochs,
                               steps_per_epoch)

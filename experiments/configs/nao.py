@@ -46,6 +46,10 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.channels = 20
   c.drop_path_keep = 0.9          # --child_drop_path_keep_prob
   c.depthwise_impl = 'auto'
+  # How a branch runs its op: 'switch' (the chosen op alone), 'mask' (every
+  # op, the chosen one kept), 'auto' (mask on CPU, switch elsewhere); see
+  # jaxnas.spaces.nao_supernet.Branch.
+  c.op_select = 'auto'
   # Supernet training: `phases` phases of `epochs` epochs.
   c.phases = 4                    # for i in range(4)
   c.epochs = 50                   # --child_epochs, per phase

@@ -107,6 +107,19 @@ def drop_path_keep_prob(keep_prob, layer_id: int, layers: int, progress):
   return 1. - progress * (1. - kp)
 
 
+OP_SELECT = ('auto', 'switch', 'mask')
+
+
+def resolve_op_select(op_select: str) -> str:
+  """'switch' or 'mask' for `op_select` on the default backend."""
+  if op_select not in OP_SELECT:
+    raise ValueError(f'op_select must be one of {OP_SELECT}, got '
+                     f'{op_select!r}')
+  if op_select == 'auto':
+    return 'mask' if jax.default_backend() == 'cpu' else 'switch'
+  return op_select
+
+
 def _is_static(x) -> bool:
   return isinstance(x, (int, np.integer))
 
@@ -245,10 +258,19 @@ class Branch(nn.Module):
   5 ops; a reduction cell's over 10 (each op at stride 2 on an input, or at
   stride 1 on a node).
 
-  `remat`: the separable convolutions are rematerialised in the backward
-  pass. Under `jax.grad` a switch keeps the residuals of every branch (zeros
-  for those not taken), so without it each step allocates and fills all
-  ops' activations; with it a branch's residuals are its inputs.
+  `op_select` (see `OP_SELECT`): 'switch' runs the chosen op alone
+  (`lax.switch`); 'mask' runs every op and keeps the chosen one's output
+  (`jnp.where`: the same values, and exactly zero gradients for the others);
+  'auto' is 'mask' on CPU, where the backward pass of XLA's conditionals
+  costs more than running every op (BENCHMARKS.md: the small supernet's
+  step 2.82 s with switches, 1.88 s masked, 0.37 s for the gradient with
+  the architecture compiled in), and 'switch' elsewhere. Scoring
+  (`jaxnas.methods.nao.pool_correct`, forward only) always switches.
+
+  `remat` (switch only): the separable convolutions are rematerialised in
+  the backward pass. Under `jax.grad` a switch keeps the residuals of every
+  branch (zeros for those not taken), so without it each step allocates and
+  fills all ops' activations; with it a branch's residuals are its inputs.
   """
   node: int
   channels: int
@@ -256,11 +278,13 @@ class Branch(nn.Module):
   depthwise_impl: str = 'auto'
   bn_axis_name: Optional[str] = None
   remat: bool = True
+  op_select: str = 'auto'
 
   def setup(self):
     n, kw = self.node + 2, dict(depthwise_impl=self.depthwise_impl,
                                 bn_axis_name=self.bn_axis_name)
-    sep = (nn.remat(WSSepConv, static_argnums=(3,)) if self.remat
+    remat = self.remat and resolve_op_select(self.op_select) == 'switch'
+    sep = (nn.remat(WSSepConv, static_argnums=(3,)) if remat
            else WSSepConv)
     self.sep3 = sep(n, 3, **kw)
     self.sep5 = sep(n, 5, **kw)
@@ -312,6 +336,12 @@ class Branch(nn.Module):
     if self.is_initializing():  # create every op's variables
       outs = [b(self, x_in, x_node, j) for b in branches]
       return outs[0]
+    if resolve_op_select(self.op_select) == 'mask':
+      out = None
+      for k, b in enumerate(branches):
+        y = b(self, x_in, x_node, j)
+        out = y if out is None else jnp.where(index == k, y, out)
+      return out
     return nn.switch(index, branches, self, x_in, x_node, j)
 
 
@@ -326,6 +356,7 @@ class WSCell(nn.Module):
   depthwise_impl: str = 'auto'
   bn_axis_name: Optional[str] = None
   remat: bool = True
+  op_select: str = 'auto'
 
   @nn.compact
   def __call__(self, s0, s1, cell, *, train: bool, progress):
@@ -348,7 +379,7 @@ class WSCell(nn.Module):
         if static:
           j, op = int(j), int(op)
         y = Branch(i, c, self.reduction, self.depthwise_impl, axis,
-                   self.remat, name=f'node{i}_{name}')(
+                   self.remat, self.op_select, name=f'node{i}_{name}')(
                        inputs, jnp.stack(nodes) if nodes else None, j, op)
         if train:
           y = _drop_path(y, keep, self.make_rng('drop_path'))
@@ -397,6 +428,7 @@ class NASWSNetwork(nn.Module):
   depthwise_impl: str = 'auto'
   bn_axis_name: Optional[str] = None
   remat: bool = True
+  op_select: str = 'auto'
 
   @nn.compact
   def __call__(self, x, arch, train: bool = False, progress=1.):
@@ -417,7 +449,7 @@ class NASWSNetwork(nn.Module):
         c *= 2
       cell = WSCell(self.nodes, c, reduction, i, total, self.drop_path_keep,
                     self.depthwise_impl, self.bn_axis_name, self.remat,
-                    name=f'cell{i}')
+                    self.op_select, name=f'cell{i}')
       s0, s1 = s1, cell(s0, s1, arch[1 if reduction else 0], train=train,
                         progress=progress)
     out = jnp.mean(s1, axis=(1, 2))

@@ -82,6 +82,16 @@ class SupernetTest(absltest.TestCase):
       outs.append(np.asarray(y))
     self.assertEqual(forward._cache_size(), 1)   # one trace, 3 archs
     self.assertGreater(np.abs(outs[0] - outs[1]).max(), 1e-3)
+    # The CPU default runs every op and keeps the chosen one ('mask'); the
+    # accelerators' default runs it alone ('switch'): the same outputs.
+    self.assertEqual(nao_supernet.resolve_op_select('auto'), 'mask')
+    switch = NET.clone(op_select='switch')
+    f = jax.jit(lambda v, x, a: switch.apply(v, x, a))
+    for arch, y in zip(_archs(3, seed=1), outs):
+      np.testing.assert_allclose(
+          f(self.variables, self.batch['image'], jnp.asarray(arch, jnp.int32)),
+          y, rtol=1e-4, atol=1e-4)
+    self.assertEqual(f._cache_size(), 1)
 
   def test_running_batch_norm(self):
     bn = nao_supernet.RunningBatchNorm()
