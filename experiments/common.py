@@ -279,6 +279,25 @@ def evaluate(eval_fn, state, batches, put_batch, get) -> Dict[str, Any]:
   return totals
 
 
+def exit_on_error(fn, *args, errors=()):
+  """Runs an entry point's `fn(*args)` for the command line.
+
+  `Interrupted` exits with 128 + its signal after printing its message;
+  FileNotFoundError, FloatingPointError, `jaxnas.checkpoint.CheckpointError`
+  (an unreadable checkpoint or one of another config) and `errors` exit with
+  `error: <message>`; anything else propagates with its traceback.
+  """
+  from jaxnas import checkpoint  # pylint: disable=g-import-not-at-top
+  try:
+    return fn(*args)
+  except Interrupted as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(128 + e.signum)
+  except (FileNotFoundError, FloatingPointError, checkpoint.CheckpointError,
+          *errors) as e:
+    sys.exit(f'error: {e}')
+
+
 def data_parallel(config):
   """Starts `jax.distributed` if the config asks, and returns its
   `jaxnas.parallel.DataParallel`. Raises ValueError for a mode, device

@@ -32,7 +32,6 @@ round file. One process only (the pool scoring is not split over hosts).
 
 import json
 import os
-import sys
 import time
 
 from absl import app
@@ -215,7 +214,6 @@ def rerank(config, archs, train_split, valid_split, mean, std, num_classes,
   (train_and_evaluate_top_on_cifar10: SGD lr 0.025 -> 0.001 cosine over
   `rerank_epochs`, momentum 0.9, wd 3e-4, clip 5)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxnas import data  # pylint: disable=g-import-not-at-top
   from jaxnas import optim  # pylint: disable=g-import-not-at-top
   from jaxnas import training  # pylint: disable=g-import-not-at-top
@@ -245,10 +243,10 @@ def rerank(config, archs, train_split, valid_split, mean, std, num_classes,
     step = jax.jit(trainer.step, donate_argnums=0)
     for t in range(config.rerank_epochs * steps_per_epoch):
       state, _ = step(state, batches.batch(t))
-    totals = None
-    for b in data.eval_batches(valid_split, 500, mean, std):
-      sums = jax.device_get(jax.jit(trainer.eval_step)(state, b))
-      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    totals = common.evaluate(
+        jax.jit(trainer.eval_step), state,
+        data.eval_batches(valid_split, 500, mean, std), lambda b: b,
+        lambda x: x)
     scores.append(float(totals['correct'] / totals['count']))
     log(f're-rank {k + 1}/{len(archs)}: {_arch_text(arch)}: valid '
         f'{scores[-1]:.4f} ({time.time() - start:.0f}s)')
@@ -513,13 +511,7 @@ def main(argv, flag_values):
   config = config_flag.value
   workdir = workdir_flag.value or os.path.join('runs', f'nao-{config.variant}')
   common.enable_compilation_cache()
-  try:
-    search(config, workdir)
-  except common.Interrupted as e:
-    print(e, file=sys.stderr, flush=True)
-    sys.exit(128 + e.signum)
-  except (ConfigError, FileNotFoundError, FloatingPointError) as e:
-    sys.exit(f'error: {e}')
+  common.exit_on_error(search, config, workdir, errors=(ConfigError,))
 
 
 if __name__ == '__main__':

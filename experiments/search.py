@@ -1042,18 +1042,7 @@ def main(argv):
   except ConfigError as e:
     sys.exit(f'error: {e}')
   common.enable_compilation_cache()
-  try:
-    search(config, workdir)
-  except common.Interrupted as e:
-    print(e, file=sys.stderr, flush=True)
-    sys.exit(128 + e.signum)
-  except (ConfigError, FileNotFoundError, FloatingPointError) as e:
-    sys.exit(f'error: {e}')
-  except Exception as e:  # pylint: disable=broad-except
-    from jaxnas import checkpoint  # pylint: disable=g-import-not-at-top
-    if isinstance(e, checkpoint.CheckpointError):
-      sys.exit(f'error: {e}')
-    raise
+  common.exit_on_error(search, config, workdir, errors=(ConfigError,))
 
 
 if __name__ == '__main__':

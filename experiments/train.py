@@ -30,7 +30,6 @@ Workdir layout:
 
 import json
 import os
-import sys
 from typing import Any, NamedTuple
 
 from absl import app
@@ -433,15 +432,9 @@ def main(argv, flag_values):
   workdir = workdir_flag.value or os.path.join('runs',
                                                f'train-{config.variant}')
   common.enable_compilation_cache()
-  try:
-    train(config, workdir, genotype_flag.value)
-  except common.Interrupted as e:
-    print(e, file=sys.stderr, flush=True)
-    sys.exit(128 + e.signum)
-  except (ConfigError, FileNotFoundError, FloatingPointError) as e:
-    sys.exit(f'error: {e}')
-  except ValueError as e:  # e.g. images too small for the auxiliary head
-    sys.exit(f'error: {e}')
+  # ValueError: also e.g. images too small for the auxiliary head.
+  common.exit_on_error(train, config, workdir, genotype_flag.value,
+                       errors=(ValueError,))
 
 
 if __name__ == '__main__':
