@@ -20,8 +20,9 @@ devices: `XLA_FLAGS=--xla_force_host_platform_device_count=8`).
 Sizes: `small` is C=8, 5 cells, batch 32 on 32x32 images; `paper` is the
 method's search setting from its config (DARTS, ROME: C=16, 8 cells, batch
 64; NAO-V2: its supernet, C=20, 11 cells of 5 nodes, batch 64, one random
-architecture per step). `--samples K` sets ROME's / GDAS' samples per update;
-`--compile_only` skips running (compile time and XLA memory only).
+architecture per step). `--samples K` sets ROME's / GDAS' samples per update
+and `--nosingle_path_remat` keeps their ops' residuals instead of rerunning
+the ops; `--compile_only` skips running (compile time and XLA memory only).
 Inputs are random 32x32x3 images with 10 classes, as in the PyTorch numbers
 quoted in BENCHMARKS.md.
 """
@@ -52,6 +53,9 @@ _SHARE = flags.DEFINE_bool('share_backward', None,
                            'Override the config\'s share_backward.')
 _SAMPLES = flags.DEFINE_integer('samples', None,
                                 'ROME / GDAS: override K (num_samples).')
+_REMAT = flags.DEFINE_bool(
+    'single_path_remat', None, "ROME / GDAS: override the config's "
+    'single_path_remat (rerun the sampled ops in the backward pass).')
 _POOL = flags.DEFINE_integer(
     'pool', 0, 'NAO: also time scoring this many random architectures with '
     "the supernet, each on its own batch of the config's eval_batch_size "
@@ -167,7 +171,8 @@ def _reset_peak_rss() -> bool:
 def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
         depthwise_impl=None, batch_size=None, share_backward=None,
         parallel_mode: str = 'jit', devices=None, samples=None,
-        compile_only: bool = False, pool: int = 0) -> dict:
+        compile_only: bool = False, pool: int = 0,
+        single_path_remat=None) -> dict:
   """Benchmarks one step of `method_name` at `size`; returns the results.
 
   `pool` (NAO only): also times scoring that many architectures.
@@ -189,6 +194,8 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
     order = None
   if samples is not None:
     config.num_samples = samples
+  if single_path_remat is not None:
+    config.single_path_remat = single_path_remat
   if depthwise_impl is not None:
     config.depthwise_impl = depthwise_impl
   if batch_size is not None:
@@ -240,6 +247,8 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
   info = {
       'method': method_name, 'size': size, 'order': order,
       'num_samples': config.get('num_samples'),
+      'single_path_remat': (config.get('single_path_remat')
+                            if method_name in ('rome', 'gdas') else None),
       'init_channels': width, 'layers': config.layers,
       'cells': (3 * config.layers + 2 if method_name == 'nao'
                 else config.layers),
@@ -292,7 +301,7 @@ def main(argv):
   result = run(_METHOD.value, _SIZE.value, _ORDER.value, _STEPS.value,
                _DEPTHWISE.value, _BATCH.value, _SHARE.value,
                _PARALLEL.value, _DEVICES.value, _SAMPLES.value,
-               _COMPILE_ONLY.value, _POOL.value)
+               _COMPILE_ONLY.value, _POOL.value, _REMAT.value)
   print(json.dumps(result))
 
 

@@ -374,6 +374,7 @@ def build(config, num_classes: int, steps_per_epoch: int):
         num_classes=num_classes, primitives=primitives,
         track_running_stats=config.get('track_running_stats', True),
         bn_axis_name=bn_axis, single_path=single_path,
+        single_path_remat=config.get('single_path_remat', True),
         cell_ops=switches and pdarts.edge_ops(switches['cell'], primitives))
     derive_fn = base.space_derive(
         net, exclude=('none',) if config.get('exclude_none') else ())
@@ -388,6 +389,7 @@ def build(config, num_classes: int, steps_per_epoch: int):
                                                 primitives),
         depthwise_impl=config.depthwise_impl, bn_axis_name=bn_axis,
         single_path=single_path,
+        single_path_remat=config.get('single_path_remat', True),
         partial_channels=config.get('partial_channels', 1))
     derive_fn = base.space_derive(net)
     if config.get('derive_top_pairs'):
@@ -466,7 +468,8 @@ RESUME_IGNORE = ('workdir', 'data_dir', 'log_every_steps', 'eval_batch_size',
                  'checkpoint_every_steps', 'keep_checkpoints', 'progress',
                  'tensorboard', 'variant', 'max_eval_examples', 'parallel',
                  'num_devices', 'distributed', 'coordinator_address',
-                 'num_processes', 'process_id', 'nb201_table')
+                 'num_processes', 'process_id', 'nb201_table',
+                 'single_path_remat')
 
 
 def _epoch_outputs(workdir, epoch, state, genotype, primitives, mixing):

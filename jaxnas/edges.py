@@ -97,12 +97,21 @@ class SinglePath(NamedTuple):
 
 
 def switch(module: nn.Module, branches: Sequence[Callable], index: jax.Array,
-           x: jax.Array, out_shape: Tuple[int, ...]) -> jax.Array:
+           x: jax.Array, out_shape: Tuple[int, ...],
+           remat: bool = False) -> jax.Array:
   """Runs branch `index` of `branches` (each `(module, x) -> y`) alone.
 
   `index` -1 gives zeros of `out_shape`. Under `jax.grad` only the chosen
   branch's backward runs, and JAX shares the residual buffers of branches
-  of the same shapes, so memory is that of the largest single op. Under
+  of the same shapes, so memory is that of the largest single op.
+
+  With `remat` each branch is rematerialised inside the switch: the
+  conditional then passes no residuals to the backward pass (the chosen op
+  runs again there). Without it every conditional materialises all the
+  residuals JAX linearises its largest op into, since XLA cannot fuse or
+  recompute across a conditional's boundary, and does so for edges that take
+  the zero branch too: on XLA:CPU the ROME step then needs 2.6x the memory
+  (BENCHMARKS.md, "ROME single-path memory"). Under
   `vmap` with a batched index, XLA computes every branch and selects
   (correct, not frugal). At initialisation every branch runs, without a
   switch, so that all ops' variables exist.
@@ -110,6 +119,8 @@ def switch(module: nn.Module, branches: Sequence[Callable], index: jax.Array,
   if module.is_initializing():  # create every op's variables, no switch
     return sum(b(module, x) for b in branches)
   zero = lambda m, x: jnp.zeros(out_shape, x.dtype)
+  if remat:
+    branches = [nn.remat(b) for b in branches]
   return nn.switch(index + 1, [zero, *branches], module, x)
 
 

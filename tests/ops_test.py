@@ -54,6 +54,46 @@ class OpsTest(parameterized.TestCase):
     self.assertEqual(float(jnp.abs(y[..., 0]).sum()), 0.)
     self.assertGreater(float(jnp.abs(y[..., 1]).sum()), 0.)
 
+  @parameterized.product(stride=(1, 2), shape=((2, 8, 8, 3), (3, 7, 5, 2)))
+  def test_max_pool_index_equals_xla(self, stride, shape):
+    x = jax.random.normal(jax.random.key(1), shape)
+    # Ties: a constant block, and a row of equal maxima; the gradient must
+    # go to the first maximum of each window, as select-and-scatter's.
+    x = x.at[0, :3, :3, 0].set(5.).at[1, 2, :, 1].set(7.)
+    pool = {i: (lambda x, i=i: ops.max_pool_3x3(x, stride, i))
+            for i in ('xla', 'index')}
+    y = {i: jax.jit(f)(x) for i, f in pool.items()}
+    chex.assert_shape(y['index'], (shape[0], -(-shape[1] // stride),
+                                   -(-shape[2] // stride), shape[3]))
+    np.testing.assert_array_equal(y['index'], y['xla'])
+    ct = jax.random.normal(jax.random.key(2), y['xla'].shape)
+    t = jax.random.normal(jax.random.key(3), shape)
+    grads, tangents = {}, {}
+    for i, f in pool.items():
+      grads[i] = jax.jit(lambda x, f=f: jax.vjp(f, x)[1](ct)[0])(x)
+      tangents[i] = jax.jit(lambda x, f=f: jax.jvp(f, (x,), (t,))[1])(x)
+    np.testing.assert_allclose(grads['index'], grads['xla'], atol=1e-6)
+    np.testing.assert_allclose(tangents['index'], tangents['xla'], atol=1e-6)
+    # Each window's gradient lands on one input: the routed mass is exact.
+    np.testing.assert_allclose(grads['index'].sum(), ct.sum(), rtol=1e-5)
+    # vmap and second order go through the custom rule too.
+    xs = jnp.stack([x, -x])
+    np.testing.assert_array_equal(
+        jax.vmap(pool['index'])(xs), jax.vmap(pool['xla'])(xs))
+    hess = {i: jax.grad(lambda x, f=f: jnp.sum(
+        jax.grad(lambda x: jnp.sum(f(x) ** 2))(x) * t))(x) for i, f in
+            pool.items()}
+    np.testing.assert_allclose(hess['index'], hess['xla'], atol=1e-5)
+
+  def test_max_pool_index_keeps_only_an_int8_index(self):
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    _, vjp = jax.vjp(lambda x: ops.max_pool_3x3(x, 1, 'index'), x)
+    residuals = [r for r in jax.tree.leaves(vjp) if hasattr(r, 'dtype')]
+    self.assertEqual([(r.dtype, r.shape) for r in residuals],
+                     [(jnp.int8, (2, 8, 8, 3))])
+    with self.assertRaisesRegex(ValueError, 'max_pool_impl'):
+      ops.max_pool_3x3(x, 1, 'fast')
+
   @parameterized.product(impl=('grouped', 'dense', 'shift'), stride=(1, 2),
                          dilation=(1, 2))
   def test_depthwise_impls_agree(self, impl, stride, dilation):

@@ -251,13 +251,15 @@ class MixedEdge(nn.Module):
   'none' is never computed: it adds zero, and its weight gets a zero
   gradient, as with the reference's `x.mul(0.)`. Given a
   `jaxnas.edges.SinglePath` row instead of weights, the edge runs only the
-  sampled op (GDAS): `gate * op_index(x) + offset`.
+  sampled op (GDAS): `gate * op_index(x) + offset`, rematerialised in the
+  backward pass if `remat` (see `jaxnas.edges.switch`).
   """
   channels: int
   primitives: Tuple[str, ...] = NB201_PRIMITIVES
   affine: bool = False
   track_running_stats: bool = True
   bn_axis_name: Optional[str] = None
+  remat: bool = True
 
   def setup(self):
     self.ops = [ops.make_nb201_op(
@@ -278,7 +280,7 @@ class MixedEdge(nn.Module):
         branches.append(lambda m, x, k=k: m.ops[k](x, train))
         k += 1
     if isinstance(w, edges.SinglePath):
-      y = edges.switch(self, branches, w.index, x, x.shape)
+      y = edges.switch(self, branches, w.index, x, x.shape, self.remat)
       return w.gate.astype(y.dtype) * y + w.offset.astype(y.dtype)
     out = jnp.zeros_like(x)
     for k, op in enumerate(self.primitives):
@@ -304,6 +306,7 @@ class SearchCell(nn.Module):
     track_running_stats: see the module docstring.
     bn_axis_name: if set, BN statistics are averaged over this axis.
     cell_ops: optional per-edge op subsets.
+    single_path_remat: see `MixedEdge.remat`.
   """
   channels: int
   primitives: Tuple[str, ...] = NB201_PRIMITIVES
@@ -311,6 +314,7 @@ class SearchCell(nn.Module):
   track_running_stats: bool = True
   bn_axis_name: Optional[str] = None
   cell_ops: Optional[EdgeOps] = None
+  single_path_remat: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, weights: jax.Array, train: bool,
@@ -327,7 +331,7 @@ class SearchCell(nn.Module):
                  self.primitives)
         y = MixedEdge(self.channels, tuple(prims), self.affine,
                       self.track_running_stats, self.bn_axis_name,
-                      name=f'edge_{i}_{j}')(
+                      self.single_path_remat, name=f'edge_{i}_{j}')(
                           nodes[j], jax.tree.map(lambda a, e=e: a[e],
                                                  weights), train,
                           skip_dropout)
@@ -384,6 +388,8 @@ class SearchNetwork(nn.Module):
       instead of mixing weights; the weights' layout is the same.
     cell_ops: optional per-edge op subsets (P-DARTS' switches), each in
       `primitives` order, all of one length.
+    single_path_remat: single-path edges run their op again in the backward
+      pass instead of keeping its residuals (`jaxnas.edges.switch`).
   """
   C: int = 16
   N: int = 5
@@ -394,6 +400,7 @@ class SearchNetwork(nn.Module):
   bn_axis_name: Optional[str] = None
   single_path: bool = False
   cell_ops: Optional[EdgeOps] = None
+  single_path_remat: bool = True
 
   def edge_ops(self, cell_type: str = 'cell') -> EdgeOps:
     """Per-edge candidate ops of `cell_type` (only 'cell')."""
@@ -460,7 +467,7 @@ class SearchNetwork(nn.Module):
       else:
         s = SearchCell(c, tuple(self.primitives), self.affine,
                        self.track_running_stats, axis, self.cell_ops,
-                       name=f'cell{i}')(s, weights['cell'], train,
+                       self.single_path_remat, name=f'cell{i}')(s, weights['cell'], train,
                                         skip_dropout)
     s = nn.relu(ops.batch_norm(train, True, axis, name='lastact_bn')(s))
     out = jnp.mean(s, axis=(1, 2))

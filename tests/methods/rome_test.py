@@ -7,6 +7,7 @@ from absl.testing import absltest
 import chex
 import flax
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -77,6 +78,46 @@ class SinglePathNetworkTest(absltest.TestCase):
     self.assertLen(off, 1)
     for leaf in jax.tree.leaves(g_params['cell0'][f'edge{off[0]}']):
       np.testing.assert_array_equal(leaf, 0.)
+
+  def test_remat_passes_no_residuals_and_same_gradients(self):
+    """Rematerialised edges: each conditional hands the backward pass only
+    its output (no residual activations), and the gradients are unchanged."""
+    sample_fn = functools.partial(arch_lib.sample_single_path, steps=2,
+                                  topology='v2')
+    key = jax.random.key(5)
+
+    def loss(net):
+      return lambda params, arch: rome._sample_loss(  # pylint: disable=protected-access
+          params, arch, self.state.batch_stats, _batch(1), key, 0.5,
+          net=net, sample_fn=sample_fn)[0]
+
+    def cond_activations(jaxpr):
+      """Per `cond`, how many outputs are batch-sized activations."""
+      counts = []
+      for eqn in jaxpr.eqns:
+        if eqn.primitive.name == 'cond':
+          counts.append(sum(v.aval.ndim == 4 and v.aval.shape[0] == B
+                            for v in eqn.outvars))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+          counts += cond_activations(sub)
+      return counts
+
+    results = {}
+    for remat in (True, False):
+      net = NET.clone(single_path_remat=remat)
+      traced = jax.jit(jax.value_and_grad(loss(net), argnums=(0, 1))).trace(
+          self.state.params, self.state.arch)
+      counts = cond_activations(traced.jaxpr.jaxpr)
+      self.assertLen(counts, 2 * 5 * NET.layers)  # forward and backward
+      results[remat] = traced.lower().compile()(self.state.params,
+                                                self.state.arch)
+      if remat:  # the output, the input kept to run the op again, and (at
+        # stride 2) one output-sized tensor
+        self.assertLessEqual(max(counts), 3)
+      else:  # every residual of a separable convolution
+        self.assertGreaterEqual(max(counts), 10)
+    chex.assert_trees_all_close(results[True], results[False], rtol=1e-5,
+                                atol=1e-6)
 
   def test_bad_weights_rejected(self):
     with self.assertRaisesRegex(ValueError, 'SinglePath'):
