@@ -242,10 +242,10 @@ class ReLUConv1x1BN(nn.Module):
 
 
 def _pool(kind: str, x: jax.Array, stride: int) -> jax.Array:
-  window, strides, pad = (3, 3), (stride, stride), ((1, 1), (1, 1))
   if kind == 'max':
-    return nn.max_pool(x, window, strides, pad)
-  return nn.avg_pool(x, window, strides, pad, count_include_pad=False)
+    return ops.max_pool_3x3(x, stride)
+  return nn.avg_pool(x, (3, 3), (stride, stride), ((1, 1), (1, 1)),
+                     count_include_pad=False)
 
 
 class Branch(nn.Module):
