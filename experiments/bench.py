@@ -11,8 +11,9 @@ prints one JSON object:
 * `peak_bytes`: XLA's compiled memory analysis of the step (arguments +
   outputs + temporaries - donated aliases): the device memory the step needs;
 * `peak_rss_bytes` (CPU): the process's peak resident memory while running
-  steps (the high-water mark is reset after compilation, so compiler memory
-  is not counted), `peak_rss_total_bytes` the peak including compilation.
+  steps (after compilation the freed heap is returned to the OS and the
+  high-water mark is reset, so compiler memory is not counted),
+  `peak_rss_total_bytes` the peak including compilation.
 
 `--parallel pmap --devices N` splits the batch over N devices (forced CPU
 devices: `XLA_FLAGS=--xla_force_host_platform_device_count=8`).
@@ -27,6 +28,7 @@ Inputs are random 32x32x3 images with 10 classes, as in the PyTorch numbers
 quoted in BENCHMARKS.md.
 """
 
+import ctypes
 import json
 import os
 import platform
@@ -158,8 +160,18 @@ def _rss_bytes(field: str) -> int:
   return 0
 
 
+def _release_free_heap() -> None:
+  """Returns the heap the compiler freed to the OS (glibc `malloc_trim`), so
+  that the RSS measured while stepping does not include it."""
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 def _reset_peak_rss() -> bool:
   """Resets VmHWM to the current RSS (Linux `clear_refs` 5)."""
+  _release_free_heap()
   try:
     with open('/proc/self/clear_refs', 'w') as f:
       f.write('5')
