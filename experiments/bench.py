@@ -18,7 +18,8 @@ prints one JSON object:
 `--parallel pmap --devices N` splits the batch over N devices (forced CPU
 devices: `XLA_FLAGS=--xla_force_host_platform_device_count=8`).
 
-Sizes: `small` is C=8, 5 cells, batch 32 on 32x32 images; `paper` is the
+Sizes: `small` is C=8, 5 cells, batch 32 on 32x32 images; `mid` (not for
+NAO) C=16, batch 64, 3 cells of 2 nodes; `paper` is the
 method's search setting from its config (DARTS, ROME: C=16, 8 cells, batch
 64; NAO-V2: its supernet, C=20, 11 cells of 5 nodes, batch 64, one random
 architecture per step). `--samples K` sets ROME's / GDAS' samples per update
@@ -41,9 +42,10 @@ from absl import flags
 _METHOD = flags.DEFINE_enum('method', 'darts',
                             ['darts', 'rome', 'gdas', 'nao'],
                             'Search method.')
-_SIZE = flags.DEFINE_enum('size', 'small', ['small', 'paper'],
-                          'small: C=8, 5 cells, batch 32; paper: the '
-                          "method's search config.")
+_SIZE = flags.DEFINE_enum('size', 'small', ['small', 'mid', 'paper'],
+                          'small: C=8, 5 cells, batch 32; mid (DARTS, ROME, '
+                          'GDAS): C=16, batch 64, 3 cells of 2 nodes; paper: '
+                          "the method's search config.")
 _ORDER = flags.DEFINE_enum('order', 'first',
                            ['first', 'second', 'exact', '1', '2'],
                            'DARTS hypergradient order (1 = first, 2 = second).')
@@ -75,6 +77,9 @@ _DEVICES = flags.DEFINE_integer(
 
 SIZES = {
     'small': dict(init_channels=8, layers=5, batch_size=32),
+    # The paper's width and batch on a net that compiles in about a minute.
+    'mid': dict(init_channels=16, layers=3, batch_size=64, steps=2,
+                multiplier=2),
     'paper': {},
 }
 # NAO's config names the width `channels` and counts N (3N + 2 cells).
@@ -89,7 +94,11 @@ def _config(method: str, size: str):
   import importlib  # pylint: disable=g-import-not-at-top
   c = importlib.import_module(f'experiments.configs.{method}').get_config(
       'cifar10')
-  for k, v in (NAO_SIZES if method == 'nao' else SIZES)[size].items():
+  sizes = NAO_SIZES if method == 'nao' else SIZES
+  if size not in sizes:
+    raise app.UsageError(f'--size={size} is not defined for {method}; '
+                         f'sizes: {sorted(sizes)}')
+  for k, v in sizes[size].items():
     c[k] = v
   return c
 

@@ -110,8 +110,9 @@ def switch(module: nn.Module, branches: Sequence[Callable], index: jax.Array,
   runs again there). Without it every conditional materialises all the
   residuals JAX linearises its largest op into, since XLA cannot fuse or
   recompute across a conditional's boundary, and does so for edges that take
-  the zero branch too: on XLA:CPU the ROME step then needs 2.6x the memory
-  (BENCHMARKS.md, "ROME single-path memory"). Under
+  the zero branch too: on XLA:CPU a mid-sized ROME step then needs 2.6x the
+  temporaries (593 against 230 MB; BENCHMARKS.md, "ROME single-path
+  memory"). Under
   `vmap` with a batched index, XLA computes every branch and selects
   (correct, not frugal). At initialisation every branch runs, without a
   switch, so that all ops' variables exist.

@@ -357,7 +357,11 @@ class Zero(nn.Module):
 #   is all the backward keeps. A `custom_jvp`, so forward mode (the exact
 #   hypergradient's Hessian-vector product), vmap and higher orders work.
 # 'auto' = 'index' on CPU, 'xla' on accelerators (which run select-and-scatter
-# natively; not measured there).
+# natively; not measured there), decided by `jax.default_backend()` when the
+# function is traced: CPU work placed by hand on a GPU host gets 'xla'. Both
+# give the same values and gradients, except that a window whose maximum is
+# NaN passes no gradient under 'index' (select-and-scatter routes it to one
+# input; the loss is NaN either way).
 MAX_POOL_IMPLS = ('auto', 'xla', 'index')
 _POOL_PAD = ((0, 0), (1, 1), (1, 1), (0, 0))
 
@@ -405,7 +409,9 @@ def _max_pool_index(x: jax.Array, stride: int) -> jax.Array:
 @_max_pool_index.defjvp
 def _max_pool_index_jvp(stride, primals, tangents):
   (x,), (t,) = primals, tangents
-  y = _max_window(x, stride)
+  # Through itself, so that second order (grad of grad, the exact
+  # hypergradient's jvp of grad) routes through the index too.
+  y = _max_pool_index(x, stride)
   xp = jnp.pad(x, _POOL_PAD, constant_values=-jnp.inf)
   # 9 (no position: a NaN window) routes nowhere.
   index = jnp.full(y.shape, 9, jnp.int8)

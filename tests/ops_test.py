@@ -77,9 +77,12 @@ class OpsTest(parameterized.TestCase):
     # Each window's gradient lands on one input: the routed mass is exact.
     np.testing.assert_allclose(grads['index'].sum(), ct.sum(), rtol=1e-5)
     # vmap and second order go through the custom rule too.
-    xs = jnp.stack([x, -x])
-    np.testing.assert_array_equal(
-        jax.vmap(pool['index'])(xs), jax.vmap(pool['xla'])(xs))
+    xs, cts, ts = jnp.stack([x, -x]), jnp.stack([ct, -ct]), jnp.stack([t, -t])
+    for transform in (
+        lambda f: jax.vmap(lambda x, c: jax.vjp(f, x)[1](c)[0])(xs, cts),
+        lambda f: jax.vmap(lambda x, t: jax.jvp(f, (x,), (t,))[1])(xs, ts)):
+      np.testing.assert_allclose(transform(pool['index']),
+                                 transform(pool['xla']), atol=1e-6)
     hess = {i: jax.grad(lambda x, f=f: jnp.sum(
         jax.grad(lambda x: jnp.sum(f(x) ** 2))(x) * t))(x) for i, f in
             pool.items()}

@@ -467,8 +467,8 @@ class SearchNetwork(nn.Module):
       else:
         s = SearchCell(c, tuple(self.primitives), self.affine,
                        self.track_running_stats, axis, self.cell_ops,
-                       self.single_path_remat, name=f'cell{i}')(s, weights['cell'], train,
-                                        skip_dropout)
+                       self.single_path_remat, name=f'cell{i}')(
+                           s, weights['cell'], train, skip_dropout)
     s = nn.relu(ops.batch_norm(train, True, axis, name='lastact_bn')(s))
     out = jnp.mean(s, axis=(1, 2))
     return nn.Dense(
