@@ -40,7 +40,8 @@ from absl import app
 from absl import flags
 
 _METHOD = flags.DEFINE_enum('method', 'darts',
-                            ['darts', 'rome', 'gdas', 'nao'],
+                            ['darts', 'pdarts', 'dropnas', 'gaea', 'rome',
+                             'gdas', 'nao'],
                             'Search method.')
 _SIZE = flags.DEFINE_enum('size', 'small', ['small', 'mid', 'paper'],
                           'small: C=8, 5 cells, batch 32; mid (DARTS, ROME, '
