@@ -270,7 +270,7 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
       'method': method_name, 'size': size, 'order': order,
       'num_samples': config.get('num_samples'),
       'single_path_remat': (config.get('single_path_remat')
-                            if method_name in ('rome', 'gdas') else None),
+                            if search._single_path(config) else None),  # pylint: disable=protected-access
       'init_channels': width, 'layers': config.layers,
       'cells': (3 * config.layers + 2 if method_name == 'nao'
                 else config.layers),

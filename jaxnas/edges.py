@@ -103,7 +103,10 @@ def switch(module: nn.Module, branches: Sequence[Callable], index: jax.Array,
 
   `index` -1 gives zeros of `out_shape`. Under `jax.grad` only the chosen
   branch's backward runs, and JAX shares the residual buffers of branches
-  of the same shapes, so memory is that of the largest single op.
+  of the same shapes, so memory is that of the largest single op. Under
+  `vmap` with a batched index, XLA computes every branch and selects
+  (correct, not frugal). At initialisation every branch runs, without a
+  switch, so that all ops' variables exist.
 
   With `remat` each branch is rematerialised inside the switch: the
   conditional then passes no residuals to the backward pass (the chosen op
@@ -112,10 +115,7 @@ def switch(module: nn.Module, branches: Sequence[Callable], index: jax.Array,
   recompute across a conditional's boundary, and does so for edges that take
   the zero branch too: on XLA:CPU a mid-sized ROME step then needs 2.6x the
   temporaries (593 against 230 MB; BENCHMARKS.md, "ROME single-path
-  memory"). Under
-  `vmap` with a batched index, XLA computes every branch and selects
-  (correct, not frugal). At initialisation every branch runs, without a
-  switch, so that all ops' variables exist.
+  memory").
   """
   if module.is_initializing():  # create every op's variables, no switch
     return sum(b(module, x) for b in branches)

@@ -430,18 +430,24 @@ def max_pool_3x3(x: jax.Array, stride: int, impl: str = 'auto') -> jax.Array:
   return _max_window(x, stride)
 
 
+def pool_3x3(x: jax.Array, kind: str, stride: int) -> jax.Array:
+  """3x3 'max' or 'avg' pooling with padding 1 on NHWC `x`; the average
+  excludes the padding (PyTorch's count_include_pad=False)."""
+  if kind == 'max':
+    return max_pool_3x3(x, stride)
+  return nn.avg_pool(x, (3, 3), (stride, stride), ((1, 1), (1, 1)),
+                     count_include_pad=False)
+
+
 class Pool(nn.Module):
-  """3x3 max or average pooling (padding 1; average excludes the padding)."""
+  """3x3 max or average pooling (`pool_3x3`)."""
   kind: str
   stride: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     del train
-    if self.kind == 'max':
-      return max_pool_3x3(x, self.stride)
-    return nn.avg_pool(x, (3, 3), (self.stride, self.stride),
-                       ((1, 1), (1, 1)), count_include_pad=False)
+    return pool_3x3(x, self.kind, self.stride)
 
 
 def make_op(name: str, channels: int, stride: int, affine: bool, *,

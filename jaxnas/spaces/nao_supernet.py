@@ -241,13 +241,6 @@ class ReLUConv1x1BN(nn.Module):
         jnp.dot(nn.relu(x), w))
 
 
-def _pool(kind: str, x: jax.Array, stride: int) -> jax.Array:
-  if kind == 'max':
-    return ops.max_pool_3x3(x, stride)
-  return nn.avg_pool(x, (3, 3), (stride, stride), ((1, 1), (1, 1)),
-                     count_include_pad=False)
-
-
 class Branch(nn.Module):
   """The x- or y-branch of node `node`: its 5 weight-shared ops.
 
@@ -297,7 +290,7 @@ class Branch(nn.Module):
     if op == 1:
       return self.sep5(x, j, stride)
     if op in (2, 3):
-      return _pool('avg' if op == 2 else 'max', x, stride)
+      return ops.pool_3x3(x, 'avg' if op == 2 else 'max', stride)
     if op == 4:
       return x if stride == 1 else self.reduce(x, j)
     raise ValueError(f'NAO op index must be in 0..{len(nao.OPS) - 1}, '
