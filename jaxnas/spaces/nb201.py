@@ -282,14 +282,16 @@ class MixedEdge(nn.Module):
     if isinstance(w, edges.SinglePath):
       y = edges.switch(self, branches, w.index, x, x.shape, self.remat)
       return w.gate.astype(y.dtype) * y + w.offset.astype(y.dtype)
-    out = jnp.zeros_like(x)
+    terms = []  # one edge: rows [0]
     for k, op in enumerate(self.primitives):
       if op != 'none':
         y = branches[k](self, x)
         if op == 'skip_connect' and skip_dropout is not None and train:
           y = edges.dropout(y, skip_dropout, self.make_rng('dropout'))
-        out = out + w[k].astype(y.dtype) * y
-    return out
+        terms.append(([0], w[k:k + 1], y[None]))
+    if not terms:  # only 'none'
+      return jnp.zeros_like(x)
+    return edges.mix(terms, 1)[0]
 
 
 class SearchCell(nn.Module):
