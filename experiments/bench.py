@@ -68,6 +68,11 @@ _POOL = flags.DEFINE_integer(
 _COMPILE_ONLY = flags.DEFINE_bool(
     'compile_only', False, 'Report compile time and XLA memory analysis '
     'without running steps.')
+_DEPTHWISE_TABLE = flags.DEFINE_bool(
+    'depthwise_table', False,
+    'Instead of a step: forward + backward time (ms, median of --steps) of '
+    'every depthwise formulation on 4 stacked edges at the DARTS search '
+    'shapes, one JSON object per shape.')
 _CACHE = flags.DEFINE_bool('cache', False,
                            'Use the persistent compilation cache.')
 _PARALLEL = flags.DEFINE_enum('parallel', 'jit', ['jit', 'pmap', 'shard_map'],
@@ -190,6 +195,11 @@ def _reset_peak_rss() -> bool:
     return False
 
 
+def _cpu_s() -> float:
+  t = os.times()
+  return t.user + t.system
+
+
 def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
         depthwise_impl=None, batch_size=None, share_backward=None,
         parallel_mode: str = 'jit', devices=None, samples=None,
@@ -247,6 +257,7 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
   state = init_fn(jax.random.PRNGKey(0), sample)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t
+  jax.clear_caches()  # the initialisers' executables, as experiments.search
 
   par = parallel.DataParallel(parallel_mode, devices)
   state = par.put_state(state)
@@ -293,12 +304,13 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
   reset = _reset_peak_rss()
   state, metrics = compiled(state, batches[0])  # warm-up
   jax.block_until_ready(metrics)
-  times = []
+  times, cpu_times = [], []
   for i in range(steps):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), _cpu_s()
     state, metrics = compiled(state, batches[i % 2])
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
+    cpu_times.append(_cpu_s() - c)
   loss = float(np.mean(jax.device_get(metrics['train_loss'])))
   rss_steps = _rss_bytes('VmHWM') if reset else None
 
@@ -309,14 +321,52 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
   return {**info,
           'step_s': round(statistics.median(times), 4),
           'step_times_s': [round(x, 4) for x in times],
+          'step_cores': round(sum(cpu_times) / sum(times), 2),
           'peak_rss_bytes': rss_steps,
           'peak_rss_total_bytes': max(rss_total, _rss_bytes('VmHWM')),
           'final_train_loss': loss}
 
 
+# (batch, spatial size, channels): `small` and `paper` cells' shapes.
+DEPTHWISE_SHAPES = ((32, 32, 8), (32, 16, 16), (32, 8, 32),
+                    (64, 32, 16), (64, 16, 32), (64, 8, 64))
+
+
+def depthwise_table(steps: int):
+  """Yields, per shape and kernel (3x3, dilated 5x5), each formulation's
+  forward + backward time in ms (`jaxnas.ops.depthwise`, stride 1)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxnas import ops  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for b, hw, c in DEPTHWISE_SHAPES:
+    for k, dilation in ((3, 1), (5, 2)):
+      x = rng.standard_normal((4, b, hw, hw, c)).astype(np.float32)
+      kernel = rng.standard_normal((4, k, k, 1, c)).astype(np.float32)
+      row = {'batch': b, 'size': hw, 'channels': c, 'kernel': k,
+             'dilation': dilation, 'backend': jax.default_backend()}
+      for impl in ops.DEPTHWISE_IMPLS[1:]:
+        grad = jax.jit(jax.grad(lambda x, w, impl=impl: jnp.sum(jnp.sin(
+            ops.depthwise(x, w, stride=1, padding=dilation * (k - 1) // 2,
+                          dilation=dilation, impl=impl))), (0, 1)))
+        jax.block_until_ready(grad(x, kernel))
+        times = []
+        for _ in range(steps):
+          t = time.perf_counter()
+          jax.block_until_ready(grad(x, kernel))
+          times.append(time.perf_counter() - t)
+        row[impl + '_ms'] = round(1e3 * statistics.median(times), 2)
+      yield row
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _DEPTHWISE_TABLE.value:
+    for row in depthwise_table(_STEPS.value):
+      print(json.dumps(row), flush=True)
+    return
   if _CACHE.value:
     from experiments import common  # pylint: disable=g-import-not-at-top
     common.enable_compilation_cache()

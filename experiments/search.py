@@ -554,6 +554,10 @@ class _Seeds:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     states = [self.method.init(jax.random.PRNGKey(s), sample)
               for s in self.seeds]
+    # Initialisation runs its initialisers op by op; the hundreds of small
+    # executables that leaves cached hold ~0.6 GB for the run's lifetime
+    # (DARTS `small`, BENCHMARKS.md). Nothing else is compiled yet.
+    jax.clear_caches()
     if not self.many:
       return states[0]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
