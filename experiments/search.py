@@ -554,10 +554,6 @@ class _Seeds:
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     states = [self.method.init(jax.random.PRNGKey(s), sample)
               for s in self.seeds]
-    # Initialisation runs its initialisers op by op; the hundreds of small
-    # executables that leaves cached hold ~0.6 GB for the run's lifetime
-    # (DARTS `small`, BENCHMARKS.md). Nothing else is compiled yet.
-    jax.clear_caches()
     if not self.many:
       return states[0]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
@@ -740,7 +736,13 @@ def search(config, workdir: str):
       config.keep_checkpoints, steps_per_epoch)
   pending, start = ckpts.pending, ckpts.start
   if start is None:
-    state = par.put_state(seeds.init(sample))
+    state = seeds.init(sample)
+    # Initialisation runs its initialisers op by op; the hundreds of small
+    # executables that leaves cached hold ~0.6 GB for the run's lifetime
+    # (DARTS `small`, BENCHMARKS.md). Nothing else is compiled yet.
+    jax.block_until_ready(state)
+    jax.clear_caches()
+    state = par.put_state(state)
     held_out = ('test examples for evaluation' if config.train_portion == 1
                 else 'held out for evaluation')
     halves = (f'{len(weights_half)} examples for weights and architecture, '

@@ -36,12 +36,14 @@ def mix(terms: Sequence[Term], num_edges: int) -> jax.Array:
   weights by one `dot_general` (`_weighted_sum`). A chain of `w * y` adds
   would be fused by XLA into every consumer of the mixture, forward and
   backward, each recomputing all K ops' normalisations; on XLA:CPU that made
-  the DARTS step 20% slower and its compile 20% longer (BENCHMARKS.md,
-  "the mixture as one contraction").
+  the `small` DARTS step 35% slower and its compile 23% longer
+  (BENCHMARKS.md, "the mixture as one contraction"; accelerators
+  unmeasured).
 
   Args:
     terms: (rows, w, y) per op: the op's output `y` [len(rows), ...] on the
-      group's edges `rows`, weighted per row by `w` [len(rows)].
+      group's edges `rows` (distinct indices), weighted per row by `w`
+      [len(rows)]. The result has the promoted dtype of the outputs.
     num_edges: edges in the group.
 
   Returns:
@@ -53,12 +55,15 @@ def mix(terms: Sequence[Term], num_edges: int) -> jax.Array:
   if not terms:
     raise ValueError('edges whose only candidate is "none" have no output '
                      'shape; keep at least one other op')
-  dtype = terms[0][2].dtype
+  dtype = jnp.result_type(*(y for _, _, y in terms))
   shape = (num_edges,) + terms[0][2].shape[1:]
   ys, ws = [], []
   for rows, w, y in terms:
-    w = w.astype(dtype)
-    if len(rows) != num_edges:  # only some edges offer this op: zero rows
+    rows = [int(r) for r in rows]
+    if len(set(rows)) != len(rows):
+      raise ValueError(f'repeated rows {rows} in a mixture term')
+    w, y = jnp.asarray(w, dtype), y.astype(dtype)
+    if rows != list(range(num_edges)):  # only some edges offer this op
       index = jnp.asarray(rows)
       y = jnp.zeros(shape, dtype).at[index].set(y)
       w = jnp.zeros((num_edges,), dtype).at[index].set(w)
@@ -69,17 +74,23 @@ def mix(terms: Sequence[Term], num_edges: int) -> jax.Array:
 
 @jax.custom_jvp
 def _weighted_sum(w: jax.Array, ys: jax.Array) -> jax.Array:
-  """sum_k w[e, k] * ys[e, k, n]: w [E, K], ys [E, K, N] -> [E, N]."""
+  """sum_k w[e, k] * ys[e, k, n]: w [E, K], ys [E, K, N] -> [E, N].
+
+  Floating inputs of one dtype. HIGHEST precision: K is small, and at the
+  default an accelerator may round float32 operands (TF32, one bf16 pass),
+  which the tangent below would not.
+  """
   return jax.lax.dot_general(w[:, None, :], ys,
-                             (((2,), (1,)), ((0,), (0,))))[:, 0]
+                             (((2,), (1,)), ((0,), (0,))),
+                             precision=jax.lax.Precision.HIGHEST)[:, 0]
 
 
 @_weighted_sum.defjvp
 def _weighted_sum_jvp(primals, tangents):
   # The tangent as products and sums, not as dots: its transpose gives the
   # weights' gradient as a reduction over N = B*H*W*C, which XLA:CPU sums
-  # pairwise (relative error ~1e-7 against float64 on 262k terms), where
-  # the transposed dot accumulated ~3e-6. A custom_jvp, not a custom_vjp,
+  # pairwise (relative error 1-3e-7 against float64 on 262k terms), where
+  # the transposed dot accumulated 2-7e-6 (tests/edges_test.py). A custom_jvp, not a custom_vjp,
   # so the exact hypergradient (forward-over-reverse) still works.
   w, ys = primals
   w_dot, ys_dot = tangents

@@ -282,6 +282,7 @@ class MixedEdge(nn.Module):
     if isinstance(w, edges.SinglePath):
       y = edges.switch(self, branches, w.index, x, x.shape, self.remat)
       return w.gate.astype(y.dtype) * y + w.offset.astype(y.dtype)
+    w = jnp.asarray(w)
     terms = []  # one edge: rows [0]
     for k, op in enumerate(self.primitives):
       if op != 'none':
