@@ -90,8 +90,9 @@ def _weighted_sum_jvp(primals, tangents):
   # The tangent as products and sums, not as dots: its transpose gives the
   # weights' gradient as a reduction over N = B*H*W*C, which XLA:CPU sums
   # pairwise (relative error 1-3e-7 against float64 on 262k terms), where
-  # the transposed dot accumulated 2-7e-6 (tests/edges_test.py). A custom_jvp, not a custom_vjp,
-  # so the exact hypergradient (forward-over-reverse) still works.
+  # the transposed dot accumulated 2-7e-6 (tests/edges_test.py). A
+  # custom_jvp, not a custom_vjp, so the exact hypergradient
+  # (forward-over-reverse) still works.
   w, ys = primals
   w_dot, ys_dot = tangents
   return _weighted_sum(w, ys), (jnp.sum(w_dot[:, :, None] * ys, axis=1) +
