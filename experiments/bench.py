@@ -13,7 +13,10 @@ prints one JSON object:
 * `peak_rss_bytes` (CPU): the process's peak resident memory while running
   steps (after compilation the freed heap is returned to the OS and the
   high-water mark is reset, so compiler memory is not counted),
-  `peak_rss_total_bytes` the peak including compilation.
+  `peak_rss_total_bytes` the peak including compilation;
+* `hugepages`: whether glibc's malloc used transparent huge pages
+  (`experiments.common.use_hugepages`, on by default on Linux;
+  `JAXNAS_HUGEPAGES=0` for the plain 4 KiB pages).
 
 `--parallel pmap --devices N` splits the batch over N devices (forced CPU
 devices: `XLA_FLAGS=--xla_force_host_platform_device_count=8`).
@@ -38,6 +41,8 @@ import time
 
 from absl import app
 from absl import flags
+
+from experiments import common
 
 _METHOD = flags.DEFINE_enum('method', 'darts',
                             ['darts', 'pdarts', 'dropnas', 'gaea', 'rome',
@@ -298,6 +303,8 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
       'local_device_count': jax.local_device_count(),
       'cpu_count': os.cpu_count(), 'python': platform.python_version(),
       'jax': jax.__version__,
+      'hugepages': common.HUGEPAGE_TUNABLE in os.environ.get(
+          'GLIBC_TUNABLES', ''),
   }
   if compile_only:
     return {**info, 'peak_rss_total_bytes': rss_total}
@@ -363,12 +370,12 @@ def depthwise_table(steps: int):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  common.use_hugepages()  # may exec this process again, once
   if _DEPTHWISE_TABLE.value:
     for row in depthwise_table(_STEPS.value):
       print(json.dumps(row), flush=True)
     return
   if _CACHE.value:
-    from experiments import common  # pylint: disable=g-import-not-at-top
     common.enable_compilation_cache()
   result = run(_METHOD.value, _SIZE.value, _ORDER.value, _STEPS.value,
                _DEPTHWISE.value, _BATCH.value, _SHARE.value,
