@@ -14,6 +14,8 @@ prints one JSON object:
   steps (after compilation the freed heap is returned to the OS and the
   high-water mark is reset, so compiler memory is not counted),
   `peak_rss_total_bytes` the peak including compilation;
+* `device_peak_bytes` (GPU, TPU): the device allocator's peak bytes in use
+  over the whole run, init and warm-up included (`Device.memory_stats`);
 * `hugepages`: whether glibc's malloc used transparent huge pages
   (`experiments.common.use_hugepages`, on by default on Linux;
   `JAXNAS_HUGEPAGES=0` for the plain 4 KiB pages).
@@ -320,6 +322,9 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
     cpu_times.append(_cpu_s() - c)
   loss = float(np.mean(jax.device_get(metrics['train_loss'])))
   rss_steps = _rss_bytes('VmHWM') if reset else None
+  # Accelerators: the allocator's high-water mark since the process began
+  # (init and the warm-up included); None on CPU.
+  stats = jax.devices()[0].memory_stats() or {}
 
   if method_name == 'nao' and pool:
     from jaxnas.methods import nao as nao_method  # pylint: disable=g-import-not-at-top
@@ -330,6 +335,7 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
           'step_times_s': [round(x, 4) for x in times],
           'step_cores': round(sum(cpu_times) / sum(times), 2),
           'peak_rss_bytes': rss_steps,
+          'device_peak_bytes': stats.get('peak_bytes_in_use'),
           'peak_rss_total_bytes': max(rss_total, _rss_bytes('VmHWM')),
           'final_train_loss': loss}
 
