@@ -68,6 +68,9 @@ _SAMPLES = flags.DEFINE_integer('samples', None,
 _REMAT = flags.DEFINE_bool(
     'single_path_remat', None, "ROME / GDAS: override the config's "
     'single_path_remat (rerun the sampled ops in the backward pass).')
+_CELL_REMAT = flags.DEFINE_bool(
+    'cell_remat', None, "Override the config's cell_remat (DARTS space: "
+    'rerun each cell in the backward pass).')
 _POOL = flags.DEFINE_integer(
     'pool', 0, 'NAO: also time scoring this many random architectures with '
     "the supernet, each on its own batch of the config's eval_batch_size "
@@ -211,7 +214,7 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
         depthwise_impl=None, batch_size=None, share_backward=None,
         parallel_mode: str = 'jit', devices=None, samples=None,
         compile_only: bool = False, pool: int = 0,
-        single_path_remat=None) -> dict:
+        single_path_remat=None, cell_remat=None) -> dict:
   """Benchmarks one step of `method_name` at `size`; returns the results.
 
   `pool` (NAO only): also times scoring that many architectures.
@@ -235,6 +238,8 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
     config.num_samples = samples
   if single_path_remat is not None:
     config.single_path_remat = single_path_remat
+  if cell_remat is not None:
+    config.cell_remat = cell_remat
   if depthwise_impl is not None:
     config.depthwise_impl = depthwise_impl
   if batch_size is not None:
@@ -295,6 +300,7 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
       'batch_size': config.batch_size,
       'depthwise_impl': config.depthwise_impl,
       'share_backward': config.get('share_backward'),
+      'cell_remat': config.get('cell_remat'),
       'compile_s': round(lower_s + compile_only_s, 2),
       'lower_s': round(lower_s, 2),
       'peak_bytes': peak_bytes,
@@ -386,7 +392,8 @@ def main(argv):
   result = run(_METHOD.value, _SIZE.value, _ORDER.value, _STEPS.value,
                _DEPTHWISE.value, _BATCH.value, _SHARE.value,
                _PARALLEL.value, _DEVICES.value, _SAMPLES.value,
-               _COMPILE_ONLY.value, _POOL.value, _REMAT.value)
+               _COMPILE_ONLY.value, _POOL.value, _REMAT.value,
+               _CELL_REMAT.value)
   print(json.dumps(result))
 
 

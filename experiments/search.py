@@ -390,7 +390,8 @@ def build(config, num_classes: int, steps_per_epoch: int):
         depthwise_impl=config.depthwise_impl, bn_axis_name=bn_axis,
         single_path=single_path,
         single_path_remat=config.get('single_path_remat', True),
-        partial_channels=config.get('partial_channels', 1))
+        partial_channels=config.get('partial_channels', 1),
+        cell_remat=config.get('cell_remat', False))
     derive_fn = base.space_derive(net)
     if config.get('derive_top_pairs'):
       derive_fn = functools.partial(
@@ -469,7 +470,7 @@ RESUME_IGNORE = ('workdir', 'data_dir', 'log_every_steps', 'eval_batch_size',
                  'tensorboard', 'variant', 'max_eval_examples', 'parallel',
                  'num_devices', 'distributed', 'coordinator_address',
                  'num_processes', 'process_id', 'nb201_table',
-                 'single_path_remat')
+                 'single_path_remat', 'cell_remat')
 
 
 def _epoch_outputs(workdir, epoch, state, genotype, primitives, mixing):

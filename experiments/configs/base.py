@@ -40,6 +40,7 @@ def get_config(variant: str, method: str) -> ml_collections.ConfigDict:
   c.primitives = ops.DARTS_PRIMITIVES  # candidate ops of every edge
   c.depthwise_impl = 'auto'       # see jaxnas.ops.DEPTHWISE_IMPLS
   c.single_path_remat = True      # GDAS/ROME: rerun the sampled op in backward
+  c.cell_remat = False            # DARTS space: rerun each cell in backward
   # NAS-Bench-201 space only (space='nb201').
   c.cells_per_stage = 5           # N: cells between the reductions
   c.track_running_stats = True    # cell BNs keep running statistics

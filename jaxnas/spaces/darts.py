@@ -320,6 +320,14 @@ class SearchNetwork(nn.Module):
       pass instead of keeping its residuals (`jaxnas.edges.switch`): 0.39x
       the XLA temporaries of a mid-sized ROME step on CPU, step time
       unchanged within one run's noise.
+    cell_remat: rematerialise every cell (`flax.linen.remat`): the backward
+      pass runs each cell's forward again instead of keeping its residuals,
+      so a step holds one cell's activations at a time plus the cells'
+      outputs. For configs that do not fit in accelerator memory otherwise;
+      about one more forward pass of compute. Same variables and values.
+      XLA:CPU removes the optimization barriers and merges the recomputation
+      back into the forward pass: no saving there (`small` DARTS: XLA peak
+      1.20 -> 1.29 GB). Not yet measured on an accelerator.
   """
   C: int = 16
   num_classes: int = 10
@@ -335,6 +343,7 @@ class SearchNetwork(nn.Module):
   single_path: bool = False
   partial_channels: int = 1
   single_path_remat: bool = True
+  cell_remat: bool = False
 
   def edge_ops(self, cell_type: str) -> EdgeOps:
     """Per-edge candidate ops of `cell_type` ('normal' or 'reduce')."""
@@ -407,12 +416,15 @@ class SearchNetwork(nn.Module):
     c_curr = self.C
     reduction_prev = False
     reductions = reduction_layers(self.layers)
+    # `train` (argument 4, counting the module) is a Python bool.
+    cell_cls = (nn.remat(SearchCell, static_argnums=(4,)) if self.cell_remat
+                else SearchCell)
     for i in range(self.layers):
       reduction = i in reductions
       if reduction:
         c_curr *= 2
       cell_type = 'reduce' if reduction else 'normal'
-      cell = SearchCell(c_curr, reduction, reduction_prev,
+      cell = cell_cls(c_curr, reduction, reduction_prev,
                         self.edge_ops(cell_type), self.steps, self.multiplier,
                         self.depthwise_impl, self.bn_axis_name,
                         self.single_path, self.partial_channels,

@@ -67,6 +67,48 @@ class DartsSpaceTest(absltest.TestCase):
     other = apply(skip)
     self.assertGreater(float(jnp.abs(other - logits).max()), 1e-4)
 
+  def test_cell_remat_same_values(self):
+    kw = dict(C=4, num_classes=5, layers=3, steps=2, multiplier=2,
+              primitives=('none', 'max_pool_3x3', 'skip_connect',
+                          'sep_conv_3x3'), depthwise_impl='dense')
+    plain = darts.SearchNetwork(**kw)
+    remat = darts.SearchNetwork(**kw, cell_remat=True)
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    y = jnp.arange(4) % 5
+    arch = arch_lib.init_logits(jax.random.key(1), plain.arch_shapes(), 1.)
+    params, stats = base.init_variables(
+        plain, jax.random.key(2), x, arch_lib.softmax_weights(arch))
+    params_r, stats_r = base.init_variables(
+        remat, jax.random.key(2), x, arch_lib.softmax_weights(arch))
+    chex.assert_trees_all_equal(params, params_r)  # same names and values
+    chex.assert_trees_all_equal(stats, stats_r)
+
+    def loss_fn(net):
+      def loss(params, arch):
+        logits, new = net.apply(
+            {'params': params, 'batch_stats': stats}, x,
+            arch_lib.softmax_weights(arch), train=True,
+            mutable=['batch_stats'])
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None],
+                                  1).mean()
+        return ce, new['batch_stats']
+      return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
+
+    (l0, s0), g0 = loss_fn(plain)(params, arch)
+    (l1, s1), g1 = loss_fn(remat)(params, arch)
+    np.testing.assert_allclose(l0, l1, rtol=1e-6)
+    chex.assert_trees_all_close(s0, s1, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(g0, g1, rtol=1e-4, atol=1e-6)
+    self.assertGreater(float(jnp.abs(g0[1]['normal']).max()), 0.)
+
+    # The remat program recomputes the cells behind optimization barriers.
+    # (XLA:CPU drops the barriers and merges the recomputation with the
+    # forward pass, so the memory saving cannot be checked on CPU.)
+    def barriers(net):
+      return loss_fn(net).lower(params, arch).as_text().count(
+          'optimization_barrier')
+    self.assertGreaterEqual(barriers(remat), barriers(plain) + 3)  # 3 cells
+
   def test_channel_shuffle_is_the_nchw_reference_permutation(self):
     x = np.arange(2 * 3 * 3 * 8, dtype=np.float32).reshape(2, 3, 3, 8)
     # PC-DARTS: view(B, g, C/g, H, W).transpose(1, 2).view(B, C, H, W).
