@@ -83,6 +83,7 @@ def get_config(variant: str, method: str) -> ml_collections.ConfigDict:
     c.crop_padding = 1
     c.flip = False                # mirrored digits are other digits
   if variant in ('tiny', 'nb201_tiny'):
+    c.depthwise_impl = 'grouped'  # compile-bound: grouped compiles fastest
     c.batch_size = 16
     c.epochs = 2
     c.init_channels = 4

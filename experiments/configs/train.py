@@ -169,6 +169,7 @@ def get_config(variant: str = 'cifar10') -> ml_collections.ConfigDict:
     c.log_every_steps = 10
     c.eval_batch_size = 128
     if variant == 'tiny':
+      c.depthwise_impl = 'grouped'  # compile-bound: grouped compiles fastest
       c.init_channels = 4
       c.layers = 3
       c.batch_size = 16
