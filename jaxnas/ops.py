@@ -120,9 +120,10 @@ def depthwise(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int,
   if impl == 'dense':
     eye = jnp.eye(c, dtype=x.dtype)
     return jnp.stack([
-        lax.conv_general_dilated(x[i], kernel[i] * eye, (stride, stride), pad,
+        lax.conv_general_dilated(xi, ki * eye, (stride, stride), pad,
                                  rhs_dilation=(dilation, dilation),
-                                 dimension_numbers=_DN) for i in range(e)])
+                                 dimension_numbers=_DN)
+        for xi, ki in zip(jnp.unstack(x), jnp.unstack(kernel))])
   # 'shift': sum over taps of strided slices of the padded input.
   xp = jnp.pad(x, ((0, 0), (0, 0)) + pad + ((0, 0),))
   h_out = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
