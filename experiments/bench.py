@@ -71,6 +71,10 @@ _REMAT = flags.DEFINE_bool(
 _CELL_REMAT = flags.DEFINE_bool(
     'cell_remat', None, "Override the config's cell_remat (DARTS space: "
     'rerun each cell in the backward pass).')
+_DTYPE = flags.DEFINE_enum(
+    'compute_dtype', None, ['float32', 'bfloat16'],
+    "Override the config's compute_dtype (DARTS space: the activations' "
+    'dtype).')
 _POOL = flags.DEFINE_integer(
     'pool', 0, 'NAO: also time scoring this many random architectures with '
     "the supernet, each on its own batch of the config's eval_batch_size "
@@ -214,7 +218,8 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
         depthwise_impl=None, batch_size=None, share_backward=None,
         parallel_mode: str = 'jit', devices=None, samples=None,
         compile_only: bool = False, pool: int = 0,
-        single_path_remat=None, cell_remat=None) -> dict:
+        single_path_remat=None, cell_remat=None,
+        compute_dtype=None) -> dict:
   """Benchmarks one step of `method_name` at `size`; returns the results.
 
   `pool` (NAO only): also times scoring that many architectures.
@@ -242,6 +247,8 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
     config.cell_remat = cell_remat
   if depthwise_impl is not None:
     config.depthwise_impl = depthwise_impl
+  if compute_dtype is not None:
+    config.compute_dtype = compute_dtype
   if batch_size is not None:
     config.batch_size = batch_size
   if share_backward is not None:
@@ -301,6 +308,7 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
       'depthwise_impl': config.depthwise_impl,
       'share_backward': config.get('share_backward'),
       'cell_remat': config.get('cell_remat'),
+      'compute_dtype': config.get('compute_dtype'),
       'compile_s': round(lower_s + compile_only_s, 2),
       'lower_s': round(lower_s, 2),
       'peak_bytes': peak_bytes,
@@ -393,7 +401,7 @@ def main(argv):
                _DEPTHWISE.value, _BATCH.value, _SHARE.value,
                _PARALLEL.value, _DEVICES.value, _SAMPLES.value,
                _COMPILE_ONLY.value, _POOL.value, _REMAT.value,
-               _CELL_REMAT.value)
+               _CELL_REMAT.value, _DTYPE.value)
   print(json.dumps(result))
 
 

@@ -63,6 +63,9 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'Output directory (default: runs/<method>-<variant>).')
 
 # Methods and the search spaces each one supports.
+# Activation dtypes of the search network (`SearchNetwork.compute_dtype`);
+# float16 would need loss scaling, which is not implemented.
+COMPUTE_DTYPES = ('float32', 'bfloat16')
 METHOD_SPACES = {'darts': ('darts', 'nb201'), 'rome': ('darts', 'nb201'),
                  'gdas': ('darts', 'nb201'), 'gaea': ('darts', 'nb201'),
                  'dropnas': ('darts', 'nb201'), 'pdarts': ('darts', 'nb201')}
@@ -150,6 +153,13 @@ def validate(config) -> None:
   if config.get('share_backward') and config.get('order') != 'first':
     problems.append('share_backward needs order=first; set '
                     '--config.share_backward=False')
+  dt = config.get('compute_dtype', 'float32')
+  if dt not in COMPUTE_DTYPES:
+    problems.append(f'compute_dtype must be one of {COMPUTE_DTYPES}, got '
+                    f'{dt!r}')
+  elif dt != 'float32' and config.get('space', 'darts') != 'darts':
+    problems.append(f'compute_dtype={dt!r} is implemented for the DARTS '
+                    "space only; set --config.compute_dtype=float32")
   if config.get('depthwise_impl', 'auto') not in ops.DEPTHWISE_IMPLS:
     problems.append(f'depthwise_impl must be one of {ops.DEPTHWISE_IMPLS}, '
                     f"got {config.get('depthwise_impl')!r}")
@@ -391,7 +401,9 @@ def build(config, num_classes: int, steps_per_epoch: int):
         single_path=single_path,
         single_path_remat=config.get('single_path_remat', True),
         partial_channels=config.get('partial_channels', 1),
-        cell_remat=config.get('cell_remat', False))
+        cell_remat=config.get('cell_remat', False),
+        compute_dtype=(None if config.get('compute_dtype', 'float32') ==
+                       'float32' else config.compute_dtype))
     derive_fn = base.space_derive(net)
     if config.get('derive_top_pairs'):
       derive_fn = functools.partial(

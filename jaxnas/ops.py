@@ -441,8 +441,9 @@ def pool_3x3(x: jax.Array, kind: str, stride: int) -> jax.Array:
   excludes the padding (PyTorch's count_include_pad=False)."""
   if kind == 'max':
     return max_pool_3x3(x, stride)
+  # Flax divides by a float32 count, which would promote bfloat16 inputs.
   return nn.avg_pool(x, (3, 3), (stride, stride), ((1, 1), (1, 1)),
-                     count_include_pad=False)
+                     count_include_pad=False).astype(x.dtype)
 
 
 class Pool(nn.Module):

@@ -729,6 +729,13 @@ class NB201SearchTest(absltest.TestCase):
       search.search(self.config(), 'gs://bucket/runs/x')
     with self.assertRaisesRegex(search.ConfigError, r'num_devices must be in'):
       search.search(self.config(num_devices=9), wd)
+    with self.assertRaisesRegex(search.ConfigError, 'DARTS space only'):
+      search.search(self.config(compute_dtype='bfloat16'), wd)
+    config = _tiny_config()
+    config.compute_dtype = 'float16'
+    with self.assertRaisesRegex(search.ConfigError,
+                                "compute_dtype must be one of.*'float16'"):
+      search.search(config, wd)
     self.assertFalse(os.path.exists(wd))
 
 

@@ -41,6 +41,7 @@ def get_config(variant: str, method: str) -> ml_collections.ConfigDict:
   c.depthwise_impl = 'auto'       # see jaxnas.ops.DEPTHWISE_IMPLS
   c.single_path_remat = True      # GDAS/ROME: rerun the sampled op in backward
   c.cell_remat = False            # DARTS space: rerun each cell in backward
+  c.compute_dtype = 'float32'     # DARTS space: 'bfloat16' activations
   # NAS-Bench-201 space only (space='nb201').
   c.cells_per_stage = 5           # N: cells between the reductions
   c.track_running_stats = True    # cell BNs keep running statistics

@@ -32,7 +32,7 @@ Synopsis:
                               mutable=['batch_stats'])
 """
 
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -328,6 +328,12 @@ class SearchNetwork(nn.Module):
       XLA:CPU removes the optimization barriers and merges the recomputation
       back into the forward pass: no saving there (`small` DARTS: XLA peak
       1.20 -> 1.29 GB). Not yet measured on an accelerator.
+    compute_dtype: the dtype of the activations and of the convolutions
+      and mixtures (e.g. `jnp.bfloat16` on GPU/TPU); None keeps the
+      images' dtype. Parameters, BatchNorm statistics, the mixing weights'
+      gradients and the logits stay float32: kernels are cast where they
+      are used, BatchNorm reduces in float32, and the classifier runs in
+      float32 on the pooled features.
   """
   C: int = 16
   num_classes: int = 10
@@ -344,6 +350,7 @@ class SearchNetwork(nn.Module):
   partial_channels: int = 1
   single_path_remat: bool = True
   cell_remat: bool = False
+  compute_dtype: Optional[Any] = None
 
   def edge_ops(self, cell_type: str) -> EdgeOps:
     """Per-edge candidate ops of `cell_type` ('normal' or 'reduce')."""
@@ -410,9 +417,12 @@ class SearchNetwork(nn.Module):
     if skip_dropout is not None and self.single_path:
       raise ValueError('skip_dropout applies to mixture networks only')
     c_curr = self.stem_multiplier * self.C
+    if self.compute_dtype is not None:
+      x = x.astype(self.compute_dtype)
     s = ops.Conv(c_curr, 3, padding=1, name='stem_conv')(x)
+    # The affine BN's float32 scale would promote its output to float32.
     s = ops.batch_norm(train, True, self.bn_axis_name, name='stem_bn')(s)
-    s0 = s1 = s
+    s0 = s1 = s.astype(x.dtype)
     c_curr = self.C
     reduction_prev = False
     reductions = reduction_layers(self.layers)
@@ -431,7 +441,8 @@ class SearchNetwork(nn.Module):
                         self.single_path_remat, name=f'cell{i}')
       s0, s1 = s1, cell(s0, s1, weights[cell_type], train, skip_dropout)
       reduction_prev = reduction
-    out = jnp.mean(s1, axis=(1, 2))
+    out = jnp.mean(s1.astype(jnp.promote_types(s1.dtype, jnp.float32)),
+                   axis=(1, 2))
     return nn.Dense(
         self.num_classes,
         kernel_init=ops.torch_kernel_init,
