@@ -248,6 +248,9 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
   if depthwise_impl is not None:
     config.depthwise_impl = depthwise_impl
   if compute_dtype is not None:
+    if method_name == 'nao' and compute_dtype != 'float32':
+      raise ValueError('--compute_dtype applies to the DARTS-space search '
+                       'networks, not NAO')
     config.compute_dtype = compute_dtype
   if batch_size is not None:
     config.batch_size = batch_size

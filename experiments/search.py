@@ -160,6 +160,12 @@ def validate(config) -> None:
   elif dt != 'float32' and config.get('space', 'darts') != 'darts':
     problems.append(f'compute_dtype={dt!r} is implemented for the DARTS '
                     "space only; set --config.compute_dtype=float32")
+  elif dt != 'float32' and config.get('order', 'first') == 'second':
+    # w +- eps*v moves each weight by ~1e-5, under bfloat16's spacing at
+    # the kernels' scale (2e-4 to 1e-3): the difference would be rounding.
+    problems.append(f"order='second' (finite differences) is meaningless "
+                    f"with compute_dtype={dt!r}; use order='exact' or "
+                    'float32')
   if config.get('depthwise_impl', 'auto') not in ops.DEPTHWISE_IMPLS:
     problems.append(f'depthwise_impl must be one of {ops.DEPTHWISE_IMPLS}, '
                     f"got {config.get('depthwise_impl')!r}")
@@ -485,6 +491,17 @@ RESUME_IGNORE = ('workdir', 'data_dir', 'log_every_steps', 'eval_batch_size',
                  'single_path_remat', 'cell_remat')
 
 
+# Keys added after runs were started with them absent, at the value that
+# reproduces those runs: left out of the resume fingerprint at that value so
+# that the runs still resume.
+ADDED_KEYS = {'compute_dtype': 'float32'}
+
+
+def _fingerprinted(config_dict: dict) -> dict:
+  return {k: v for k, v in config_dict.items()
+          if k not in ADDED_KEYS or v != ADDED_KEYS[k]}
+
+
 def _epoch_outputs(workdir, epoch, state, genotype, primitives, mixing):
   """Writes the genotype, alphas and pictures after `epoch` (process 0).
 
@@ -745,7 +762,8 @@ def search(config, workdir: str):
   num_cells = (3 * config.cells_per_stage + 2 if config.get('space') == 'nb201'
                else config.layers)  # NB-201: N cells x 3 + 2 ResNet blocks
   ckpts = common.RunCheckpoints(
-      workdir, checkpoint.config_fingerprint(config_dict, RESUME_IGNORE), par,
+      workdir, checkpoint.config_fingerprint(_fingerprinted(config_dict),
+                                             RESUME_IGNORE), par,
       config.keep_checkpoints, steps_per_epoch)
   pending, start = ckpts.pending, ckpts.start
   if start is None:

@@ -56,17 +56,21 @@ def mix(terms: Sequence[Term], num_edges: int) -> jax.Array:
     raise ValueError('edges whose only candidate is "none" have no output '
                      'shape; keep at least one other op')
   dtype = jnp.result_type(*(y for _, _, y in terms))
+  # The weights stay in (at least) float32 under low-precision outputs, so
+  # that their gradient is accumulated in float32 (`_weighted_sum`).
+  w_dtype = jnp.promote_types(
+      jnp.result_type(*(w for _, w, _ in terms)), jnp.float32)
   shape = (num_edges,) + terms[0][2].shape[1:]
   ys, ws = [], []
   for rows, w, y in terms:
     rows = [int(r) for r in rows]
     if len(set(rows)) != len(rows):
       raise ValueError(f'repeated rows {rows} in a mixture term')
-    w, y = jnp.asarray(w, dtype), y.astype(dtype)
+    w, y = jnp.asarray(w, w_dtype), y.astype(dtype)
     if rows != list(range(num_edges)):  # only some edges offer this op
       index = jnp.asarray(rows)
       y = jnp.zeros(shape, dtype).at[index].set(y)
-      w = jnp.zeros((num_edges,), dtype).at[index].set(w)
+      w = jnp.zeros((num_edges,), w_dtype).at[index].set(w)
     ys.append(y.reshape(num_edges, -1))
     ws.append(w)
   return _weighted_sum(jnp.stack(ws, 1), jnp.stack(ys, 1)).reshape(shape)
@@ -76,10 +80,16 @@ def mix(terms: Sequence[Term], num_edges: int) -> jax.Array:
 def _weighted_sum(w: jax.Array, ys: jax.Array) -> jax.Array:
   """sum_k w[e, k] * ys[e, k, n]: w [E, K], ys [E, K, N] -> [E, N].
 
-  Floating inputs of one dtype. HIGHEST precision: K is small, and at the
-  default an accelerator may round float32 operands (TF32, one bf16 pass),
-  which the tangent below would not.
+  The result has the dtype of `ys`; `w` is cast to it. `w` may be wider
+  (float32 weights on bfloat16 outputs): its tangent's contraction, and so
+  its gradient, is then computed at `w`'s precision. HIGHEST precision: K
+  is small, and at the default an accelerator may round float32 operands
+  (TF32, one bf16 pass), which the tangent below would not.
   """
+  return _contract(w.astype(ys.dtype), ys)
+
+
+def _contract(w: jax.Array, ys: jax.Array) -> jax.Array:
   return jax.lax.dot_general(w[:, None, :], ys,
                              (((2,), (1,)), ((0,), (0,))),
                              precision=jax.lax.Precision.HIGHEST)[:, 0]
@@ -97,8 +107,9 @@ def _weighted_sum_jvp(primals, tangents):
   # the exact hypergradient (forward-over-reverse) still works.
   w, ys = primals
   w_dot, ys_dot = tangents
-  return _weighted_sum(w, ys), (_weighted_sum(w_dot, ys) +
-                                jnp.sum(w[:, :, None] * ys_dot, axis=1))
+  w_term = _contract(w_dot, ys.astype(w_dot.dtype)).astype(ys.dtype)
+  return _weighted_sum(w, ys), (
+      w_term + jnp.sum(w.astype(ys.dtype)[:, :, None] * ys_dot, axis=1))
 
 
 class EdgeWeighted(NamedTuple):
@@ -168,6 +179,18 @@ def switch(module: nn.Module, branches: Sequence[Callable], index: jax.Array,
   if remat:
     branches = [nn.remat(b) for b in branches]
   return nn.switch(index + 1, [zero, *branches], module, x)
+
+
+def scale(y: jax.Array, gate: jax.Array, offset=0.) -> jax.Array:
+  """`gate * y + offset` in `y`'s dtype, computed in at least float32.
+
+  With bfloat16 `y` and float32 `gate` (single-path gates, PC-DARTS edge
+  weights), the gate's gradient, a sum over all of `y`, is then
+  accumulated in float32. For float32 `y` this is `gate * y + offset`.
+  """
+  f = jnp.promote_types(y.dtype, jnp.float32)
+  return (gate.astype(f) * y.astype(f) + jnp.asarray(offset, f)).astype(
+      y.dtype)
 
 
 def dropout(x: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:

@@ -736,7 +736,26 @@ class NB201SearchTest(absltest.TestCase):
     with self.assertRaisesRegex(search.ConfigError,
                                 "compute_dtype must be one of.*'float16'"):
       search.search(config, wd)
+    config.compute_dtype = 'bfloat16'
+    config.order = 'second'
+    with self.assertRaisesRegex(search.ConfigError,
+                                "order='second'.*meaningless"):
+      search.search(config, wd)
     self.assertFalse(os.path.exists(wd))
+
+
+
+class FingerprintTest(absltest.TestCase):
+
+  def test_added_keys_at_their_old_value_keep_old_runs_resumable(self):
+    config = _tiny_config().to_dict()
+    self.assertEqual(config['compute_dtype'], 'float32')
+    before = {k: v for k, v in config.items() if k != 'compute_dtype'}
+    fingerprint = lambda d: checkpoint.config_fingerprint(
+        search._fingerprinted(d), search.RESUME_IGNORE)  # pylint: disable=protected-access
+    self.assertEqual(fingerprint(config), fingerprint(before))
+    self.assertNotEqual(fingerprint({**config, 'compute_dtype': 'bfloat16'}),
+                        fingerprint(before))
 
 
 if __name__ == '__main__':

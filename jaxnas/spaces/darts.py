@@ -206,7 +206,7 @@ class SinglePathEdge(nn.Module):
         branches.append(lambda m, x, k=k: m.ops[k](x, train))
         k += 1
     y = edges.switch(self, branches, index, x, out_shape, self.remat)
-    return gate.astype(y.dtype) * y + offset.astype(y.dtype)
+    return edges.scale(y, gate, offset)
 
 
 class SearchCell(nn.Module):
@@ -281,7 +281,7 @@ class SearchCell(nn.Module):
         rest = rest[np.array([p for _, p in members])]
         y = edges.channel_shuffle(jnp.concatenate([y, rest], -1), k)
       for m, (e, _) in enumerate(members):
-        outputs[e] = y[m] if edge_w is None else edge_w[e] * y[m]
+        outputs[e] = y[m] if edge_w is None else edges.scale(y[m], edge_w[e])
 
     run_group([0, 1], 'inputs')
     for i in range(self.steps):
@@ -330,10 +330,14 @@ class SearchNetwork(nn.Module):
       1.20 -> 1.29 GB). Not yet measured on an accelerator.
     compute_dtype: the dtype of the activations and of the convolutions
       and mixtures (e.g. `jnp.bfloat16` on GPU/TPU); None keeps the
-      images' dtype. Parameters, BatchNorm statistics, the mixing weights'
-      gradients and the logits stay float32: kernels are cast where they
-      are used, BatchNorm reduces in float32, and the classifier runs in
-      float32 on the pooled features.
+      images' dtype. Parameters, BatchNorm statistics and the logits stay
+      float32: kernels are cast where they are used, BatchNorm reduces in
+      float32, and the classifier runs in float32 on the pooled features.
+      The gradients of the mixing weights, single-path gates and PC-DARTS
+      edge weights are sums over bfloat16 activations accumulated in
+      float32 (`edges.mix`, `edges.scale`). Second-order DARTS by finite
+      differences does not work at bfloat16 precision (the perturbation is
+      below the weights' rounding); the search entry point refuses it.
   """
   C: int = 16
   num_classes: int = 10

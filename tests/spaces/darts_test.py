@@ -1,6 +1,7 @@
 """The DARTS search cell and network: shapes, counts, topology."""
 
 import collections
+import functools
 
 from absl.testing import absltest
 import chex
@@ -162,21 +163,77 @@ class DartsSpaceTest(absltest.TestCase):
 
     # Every convolution and contraction runs in bfloat16 except the
     # classifier's (on float32 pooled features).
-    kinds = collections.Counter()
+    kinds, float32_out = collections.Counter(), []
     def walk(jaxpr):
       for eqn in jaxpr.eqns:
         if eqn.primitive.name in ('conv_general_dilated', 'dot_general'):
           kinds[(eqn.primitive.name,
                  tuple(str(v.aval.dtype) for v in eqn.invars))] += 1
+          if eqn.invars[0].aval.dtype == jnp.float32:
+            float32_out.append(eqn.outvars[0].aval.shape)
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
           walk(sub)
     walk(jax.make_jaxpr(loss_fn(bf16))(params, arch).jaxpr)
     float32 = {k: n for k, n in kinds.items() if 'float32' in k[1]}
-    # The classifier's forward, input gradient and kernel gradient.
-    self.assertEqual(float32, {('dot_general', ('float32', 'float32')): 3},
+    self.assertEqual(float32, {('dot_general', ('float32', 'float32')): 9},
                      str(kinds))
+    # The classifier's forward, input gradient and kernel gradient (32
+    # features), and the mixing weights' gradient of each of the 6 source
+    # groups (3 cells x 2: 4 edges leave the inputs, 1 leaves node 0),
+    # [edges, 1, 5 ops], accumulated in float32.
+    self.assertCountEqual(
+        float32_out, [(8, 5), (8, 32), (5, 32)] + [(4, 1, 5), (1, 1, 5)] * 3)
     self.assertGreater(kinds[('conv_general_dilated',
                               ('bfloat16', 'bfloat16'))], 20)
+
+  def test_bfloat16_with_edge_weights_and_single_path(self):
+    # PC-DARTS edge weights and single-path gates are float32: the cells'
+    # convolutions must still all run in bfloat16, and the gradients of the
+    # weights and gates stay float32.
+    kw = dict(C=8, num_classes=5, layers=3, steps=2, multiplier=2,
+              primitives=('none', 'max_pool_3x3', 'skip_connect',
+                          'sep_conv_3x3'), depthwise_impl='grouped',
+              compute_dtype=jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.float32)
+    cases = {
+        'edge weights': (
+            darts.SearchNetwork(**kw, partial_channels=2),
+            lambda e, k: edges.EdgeWeighted(
+                jnp.full((e, k), 1. / k, jnp.float32),  # not weakly typed
+                jnp.full((e,), .5, jnp.float32))),
+        'single path': (
+            darts.SearchNetwork(**kw, single_path=True),
+            lambda e, k: edges.SinglePath(jnp.arange(e) % k,
+                                          jnp.ones(e, jnp.float32),
+                                          jnp.zeros(e, jnp.float32))),
+    }
+    for name, (net, make) in cases.items():
+      with self.subTest(name):
+        weights = {t: make(*s) for t, s in net.arch_shapes().items()}
+        variables = jax.eval_shape(
+            functools.partial(net.init, train=True), jax.random.key(0), x,
+            weights)
+
+        def loss(variables, weights, net=net):
+          logits, _ = net.apply(variables, jnp.zeros(x.shape, x.dtype),
+                                weights, train=True, mutable=['batch_stats'])
+          return logits.sum()
+
+        grad = jax.grad(loss, (0, 1), allow_int=True)  # the int index
+        out = jax.eval_shape(grad, variables, weights)
+        self.assertEqual({a.dtype for a in jax.tree.leaves(out)
+                          if a.dtype != jax.dtypes.float0},
+                         {jnp.dtype(jnp.float32)})
+        convs = collections.Counter()
+        def walk(jaxpr, convs=convs):
+          for eqn in jaxpr.eqns:
+            if eqn.primitive.name == 'conv_general_dilated':
+              convs[str(eqn.invars[0].aval.dtype)] += 1
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+              walk(sub)
+        walk(jax.make_jaxpr(grad)(variables, weights).jaxpr)
+        self.assertEqual(set(convs), {'bfloat16'}, str(convs))
+        self.assertGreater(convs['bfloat16'], 20)
 
   def test_channel_shuffle_is_the_nchw_reference_permutation(self):
     x = np.arange(2 * 3 * 3 * 8, dtype=np.float32).reshape(2, 3, 3, 8)
