@@ -408,8 +408,7 @@ def build(config, num_classes: int, steps_per_epoch: int):
         single_path_remat=config.get('single_path_remat', True),
         partial_channels=config.get('partial_channels', 1),
         cell_remat=config.get('cell_remat', False),
-        compute_dtype=(None if config.get('compute_dtype', 'float32') ==
-                       'float32' else config.compute_dtype))
+        compute_dtype=config.get('compute_dtype', 'float32'))
     derive_fn = base.space_derive(net)
     if config.get('derive_top_pairs'):
       derive_fn = functools.partial(

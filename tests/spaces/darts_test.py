@@ -20,6 +20,41 @@ def _uniform(shapes):
   return {t: jnp.full(s, 1. / s[1]) for t, s in shapes.items()}
 
 
+def _same_variables(net, other, x):
+  """Architecture logits, and the variables of `net`, which `other` (the
+  same network with another execution option) must initialise identically:
+  same names and values."""
+  arch = arch_lib.init_logits(jax.random.key(1), net.arch_shapes(), 1.)
+  params, stats = base.init_variables(
+      net, jax.random.key(2), x, arch_lib.softmax_weights(arch))
+  params_o, stats_o = base.init_variables(
+      other, jax.random.key(2), x, arch_lib.softmax_weights(arch))
+  chex.assert_trees_all_equal(params, params_o)
+  chex.assert_trees_all_equal(stats, stats_o)
+  return arch, params, stats
+
+
+def _loss_and_grad(net, stats, x, y):
+  """value_and_grad over (params, arch logits) of the training-mode
+  cross-entropy; the aux is (logits, updated batch stats)."""
+  def loss(params, arch):
+    logits, new = net.apply(
+        {'params': params, 'batch_stats': stats}, x,
+        arch_lib.softmax_weights(arch), train=True, mutable=['batch_stats'])
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None],
+                              1).mean()
+    return ce, (logits, new['batch_stats'])
+  return jax.value_and_grad(loss, (0, 1), has_aux=True)
+
+
+def _all_eqns(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs nested in it."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _all_eqns(sub)
+
+
 class DartsSpaceTest(absltest.TestCase):
 
   def test_reference_weight_count_and_alpha_shapes(self):
@@ -79,27 +114,11 @@ class DartsSpaceTest(absltest.TestCase):
     remat = darts.SearchNetwork(**kw, cell_remat=True)
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
     y = jnp.arange(4) % 5
-    arch = arch_lib.init_logits(jax.random.key(1), plain.arch_shapes(), 1.)
-    params, stats = base.init_variables(
-        plain, jax.random.key(2), x, arch_lib.softmax_weights(arch))
-    params_r, stats_r = base.init_variables(
-        remat, jax.random.key(2), x, arch_lib.softmax_weights(arch))
-    chex.assert_trees_all_equal(params, params_r)  # same names and values
-    chex.assert_trees_all_equal(stats, stats_r)
+    arch, params, stats = _same_variables(plain, remat, x)
+    loss_fn = lambda net: jax.jit(_loss_and_grad(net, stats, x, y))
 
-    def loss_fn(net):
-      def loss(params, arch):
-        logits, new = net.apply(
-            {'params': params, 'batch_stats': stats}, x,
-            arch_lib.softmax_weights(arch), train=True,
-            mutable=['batch_stats'])
-        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None],
-                                  1).mean()
-        return ce, new['batch_stats']
-      return jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
-
-    (l0, s0), g0 = loss_fn(plain)(params, arch)
-    (l1, s1), g1 = loss_fn(remat)(params, arch)
+    (l0, (_, s0)), g0 = loss_fn(plain)(params, arch)
+    (l1, (_, s1)), g1 = loss_fn(remat)(params, arch)
     np.testing.assert_allclose(l0, l1, rtol=1e-6)
     chex.assert_trees_all_close(s0, s1, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(g0, g1, rtol=1e-4, atol=1e-6)
@@ -122,24 +141,9 @@ class DartsSpaceTest(absltest.TestCase):
     bf16 = darts.SearchNetwork(**kw, compute_dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
     y = jnp.arange(8) % 5
-    arch = arch_lib.init_logits(jax.random.key(1), f32.arch_shapes(), 1.)
-    params, stats = base.init_variables(
-        f32, jax.random.key(2), x, arch_lib.softmax_weights(arch))
-    params_b, stats_b = base.init_variables(
-        bf16, jax.random.key(2), x, arch_lib.softmax_weights(arch))
-    chex.assert_trees_all_equal(params, params_b)  # float32, same values
-    chex.assert_trees_all_equal(stats, stats_b)
-
-    def loss_fn(net):
-      def loss(params, arch):
-        logits, new = net.apply(
-            {'params': params, 'batch_stats': stats}, x,
-            arch_lib.softmax_weights(arch), train=True,
-            mutable=['batch_stats'])
-        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None],
-                                  1).mean()
-        return ce, (logits, new['batch_stats'])
-      return jax.value_and_grad(loss, (0, 1), has_aux=True)
+    # float32 parameters and statistics, the same values.
+    arch, params, stats = _same_variables(f32, bf16, x)
+    loss_fn = lambda net: _loss_and_grad(net, stats, x, y)
 
     (l32, (z32, s32)), g32 = jax.jit(loss_fn(f32))(params, arch)
     (l16, (z16, s16)), g16 = jax.jit(loss_fn(bf16))(params, arch)
@@ -164,16 +168,12 @@ class DartsSpaceTest(absltest.TestCase):
     # Every convolution and contraction runs in bfloat16 except the
     # classifier's (on float32 pooled features).
     kinds, float32_out = collections.Counter(), []
-    def walk(jaxpr):
-      for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ('conv_general_dilated', 'dot_general'):
-          kinds[(eqn.primitive.name,
-                 tuple(str(v.aval.dtype) for v in eqn.invars))] += 1
-          if eqn.invars[0].aval.dtype == jnp.float32:
-            float32_out.append(eqn.outvars[0].aval.shape)
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-          walk(sub)
-    walk(jax.make_jaxpr(loss_fn(bf16))(params, arch).jaxpr)
+    for eqn in _all_eqns(jax.make_jaxpr(loss_fn(bf16))(params, arch).jaxpr):
+      if eqn.primitive.name in ('conv_general_dilated', 'dot_general'):
+        kinds[(eqn.primitive.name,
+               tuple(str(v.aval.dtype) for v in eqn.invars))] += 1
+        if eqn.invars[0].aval.dtype == jnp.float32:
+          float32_out.append(eqn.outvars[0].aval.shape)
     float32 = {k: n for k, n in kinds.items() if 'float32' in k[1]}
     self.assertEqual(float32, {('dot_general', ('float32', 'float32')): 9},
                      str(kinds))
@@ -224,14 +224,10 @@ class DartsSpaceTest(absltest.TestCase):
         self.assertEqual({a.dtype for a in jax.tree.leaves(out)
                           if a.dtype != jax.dtypes.float0},
                          {jnp.dtype(jnp.float32)})
-        convs = collections.Counter()
-        def walk(jaxpr, convs=convs):
-          for eqn in jaxpr.eqns:
-            if eqn.primitive.name == 'conv_general_dilated':
-              convs[str(eqn.invars[0].aval.dtype)] += 1
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-              walk(sub)
-        walk(jax.make_jaxpr(grad)(variables, weights).jaxpr)
+        convs = collections.Counter(
+            str(eqn.invars[0].aval.dtype) for eqn in _all_eqns(
+                jax.make_jaxpr(grad)(variables, weights).jaxpr)
+            if eqn.primitive.name == 'conv_general_dilated')
         self.assertEqual(set(convs), {'bfloat16'}, str(convs))
         self.assertGreater(convs['bfloat16'], 20)
 
