@@ -80,6 +80,8 @@ torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in',
 # * 'dense': the (k, k, 1, C) kernel multiplied into a block-diagonal
 #   (k, k, C, C) one and run as a dense convolution (one per edge when
 #   stacked). About 6x faster than 'grouped' on XLA:CPU; compiles more.
+#   Where a 1x1 convolution follows (DilConv, SepConv: `depthwise_pointwise`)
+#   the two run as one dense convolution with their product kernel.
 # * 'shift': the sum over kernel taps of shifted inputs times per-channel
 #   weights; element-wise only.
 # 'auto' means 'dense' on CPU and 'grouped' on accelerators, which run grouped
@@ -139,6 +141,35 @@ def depthwise(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int,
       term = tap * kernel[:, i, j, 0][:, None, None, None, :]
       out = term if out is None else out + term
   return out
+
+
+def depthwise_pointwise(x: jax.Array, depthwise_kernel: jax.Array,
+                        pointwise_kernel: jax.Array, *, stride: int,
+                        padding: int, dilation: int, impl: str) -> jax.Array:
+  """Per-edge depthwise conv, then a 1x1 conv: `DilConv` without ReLU and BN.
+
+  x [E, B, H, W, C], depthwise_kernel [E, k, k, 1, C], pointwise_kernel
+  [E, C, F] -> [E, B, H', W', F]. Both are linear, so with impl 'dense' they
+  run as one dense k x k convolution per edge whose kernel is their product,
+  K[i, j, c, f] = depthwise[i, j, c] * pointwise[c, f]: the same FLOPs as the
+  block-diagonal depthwise kernel alone, with no pointwise convolution and no
+  intermediate activation (forward or backward). The kernels' gradients
+  follow from K's by the chain rule. Other impls run `depthwise`, then the
+  pointwise contraction. The product is formed at the kernels' precision and
+  then cast to x's dtype.
+  """
+  if resolve_depthwise_impl(impl) == 'dense':
+    kernel = (depthwise_kernel[:, :, :, 0, :, None] *
+              pointwise_kernel[:, None, None]).astype(x.dtype)
+    pad = ((padding, padding),) * 2
+    return jnp.stack([
+        lax.conv_general_dilated(xi, ki, (stride, stride), pad,
+                                 rhs_dilation=(dilation, dilation),
+                                 dimension_numbers=_DN)
+        for xi, ki in zip(jnp.unstack(x), jnp.unstack(kernel))])
+  y = depthwise(x, depthwise_kernel.astype(x.dtype), stride=stride,
+                padding=padding, dilation=dilation, impl=impl)
+  return jnp.einsum('ebhwc,ecf->ebhwf', y, pointwise_kernel.astype(x.dtype))
 
 
 def batch_norm(train: bool, affine: bool, axis_name: Optional[str] = None,
@@ -210,18 +241,24 @@ def norm(train: bool, affine: bool, axis_name: Optional[str] = None, *,
 
 
 class Conv(nn.Module):
-  """Bias-free 2-D convolution with PyTorch-style symmetric padding."""
+  """Bias-free 2-D convolution with PyTorch-style symmetric padding.
+
+  `kernel_only` returns the (k, k, C, F) kernel instead of applying it.
+  """
   features: int
   kernel_size: int
   stride: int = 1
   padding: int = 0
   dilation: int = 1
+  kernel_only: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
     kernel = self.param('kernel', torch_kernel_init,
                         (k, k, x.shape[-1], self.features))
+    if self.kernel_only:
+      return kernel
     return lax.conv_general_dilated(
         x, kernel.astype(x.dtype),
         window_strides=(self.stride, self.stride),
@@ -231,17 +268,23 @@ class Conv(nn.Module):
 
 
 class DepthwiseConv(nn.Module):
-  """Depthwise k x k convolution; the kernel has shape (k, k, 1, C)."""
+  """Depthwise k x k convolution; the kernel has shape (k, k, 1, C).
+
+  `kernel_only` returns the kernel instead of applying it.
+  """
   kernel_size: int
   stride: int = 1
   padding: int = 0
   dilation: int = 1
   impl: str = 'auto'
+  kernel_only: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k, c = self.kernel_size, x.shape[-1]
     kernel = self.param('kernel', torch_kernel_init, (k, k, 1, c))
+    if self.kernel_only:
+      return kernel
     return depthwise(x[None], kernel[None].astype(x.dtype), stride=self.stride,
                      padding=self.padding, dilation=self.dilation,
                      impl=self.impl)[0]
@@ -280,9 +323,14 @@ class DilConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = DepthwiseConv(self.kernel_size, self.stride, self.padding,
-                      self.dilation, self.depthwise_impl)(nn.relu(x))
-    x = Conv(self.features, 1)(x)
+    # The parameters are those of DepthwiseConv_0 and a 1x1 Conv_0; the two
+    # convolutions run as `depthwise_pointwise`.
+    dw = DepthwiseConv(self.kernel_size, kernel_only=True)(x)
+    pw = Conv(self.features, 1, kernel_only=True)(x)
+    x = depthwise_pointwise(nn.relu(x)[None], dw[None], pw[None, 0, 0],
+                            stride=self.stride, padding=self.padding,
+                            dilation=self.dilation,
+                            impl=self.depthwise_impl)[0]
     return batch_norm(train, self.affine, self.bn_axis_name)(x)
 
 

@@ -8,7 +8,8 @@ outgoing edges: inputs are [E, B, H, W, C] and every parameter has a leading
 edge axis E. Edge e of a stacked op computes exactly what `jaxnas.ops` computes
 with that edge's slice of the parameters (tests check this).
 
-Depthwise convolutions use `jaxnas.ops.depthwise`, whose formulations
+Depthwise convolutions and the 1x1 convolutions after them run through
+`jaxnas.ops.depthwise_pointwise`, whose formulations
 (`jaxnas.ops.DEPTHWISE_IMPLS`) trade compile time against run time.
 """
 
@@ -35,15 +36,23 @@ def stacked_batch_norm(train: bool, axis_name: Optional[str] = None,
 
 
 class StackedConv1x1(nn.Module):
-  """Per-edge bias-free 1x1 conv; kernel [E, 1, 1, C, F] like `ops.Conv`."""
+  """Per-edge bias-free 1x1 conv; kernel [E, 1, 1, C, F] like `ops.Conv`.
+
+  With `kernel_only`, returns the kernel as [E, C, F] without applying it
+  (for `ops.depthwise_pointwise`, which folds it into the depthwise conv); the
+  parameter is the same either way.
+  """
   features: int
   stride: int = 1
   offset: int = 0
+  kernel_only: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', stacked_kernel_init,
                         (x.shape[0], 1, 1, x.shape[-1], self.features))
+    if self.kernel_only:
+      return kernel[:, 0, 0]
     if self.stride > 1 or self.offset:
       x = x[:, :, self.offset::self.stride, self.offset::self.stride, :]
     return jnp.einsum('ebhwc,ecf->ebhwf', x, kernel[:, 0, 0].astype(x.dtype))
@@ -64,10 +73,12 @@ class StackedDilConv(nn.Module):
     k, c = self.kernel_size, x.shape[-1]
     kernel = self.param('depthwise_kernel', stacked_kernel_init,
                         (x.shape[0], k, k, 1, c))
-    x = ops.depthwise(nn.relu(x), kernel.astype(x.dtype), stride=self.stride,
-                  padding=self.padding, dilation=self.dilation,
-                  impl=self.depthwise_impl)
-    x = StackedConv1x1(self.features, name='pointwise')(x)
+    pointwise = StackedConv1x1(self.features, kernel_only=True,
+                               name='pointwise')(x)
+    x = ops.depthwise_pointwise(nn.relu(x), kernel, pointwise,
+                                stride=self.stride, padding=self.padding,
+                                dilation=self.dilation,
+                                impl=self.depthwise_impl)
     return stacked_batch_norm(train, self.bn_axis_name, name='bn')(x)
 
 

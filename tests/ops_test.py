@@ -107,6 +107,56 @@ class OpsTest(parameterized.TestCase):
         variables, x)
     np.testing.assert_allclose(got, ref.apply(variables, x), atol=1e-5)
 
+  @parameterized.product(impl=('dense', 'shift'), stride=(1, 2),
+                         dilation=(1, 2))
+  def test_depthwise_pointwise_values_and_gradients(self, impl, stride,
+                                                    dilation):
+    # The plain formulation: grouped depthwise, then the 1x1 contraction.
+    # 'dense' folds both into one product kernel; its gradients reach the
+    # two kernels through the product, so all three gradients are checked.
+    e, f, k = 3, 5, 3
+    keys = jax.random.split(jax.random.key(2), 4)
+    x = jax.random.normal(keys[0], (e, B, H, H, C))
+    dw = jax.random.normal(keys[1], (e, k, k, 1, C))
+    pw = jax.random.normal(keys[2], (e, C, f))
+    ho = (H + 2 * dilation - dilation * (k - 1) - 1) // stride + 1
+    probe = jax.random.normal(keys[3], (e, B, ho, ho, f))
+
+    def loss(impl):
+      def fn(x, dw, pw):
+        y = ops.depthwise_pointwise(x, dw, pw, stride=stride,
+                                    padding=dilation, dilation=dilation,
+                                    impl=impl)
+        chex.assert_shape(y, (e, B, ho, ho, f))
+        return jnp.sum(y * probe)
+      return jax.value_and_grad(fn, argnums=(0, 1, 2))(x, dw, pw)
+
+    (want, want_grads), (got, got_grads) = loss('grouped'), loss(impl)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+      chex.assert_shape(g, w.shape)
+      np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
+  def test_dense_depthwise_pointwise_is_one_conv_per_edge(self):
+    # One convolution per edge with a [k, k, C, F] kernel and no separate
+    # pointwise contraction, forward; the other impls keep the contraction.
+    x = jnp.ones((3, B, H, H, C))
+    dw, pw = jnp.ones((3, 5, 5, 1, C)), jnp.ones((3, C, 4))
+
+    def eqns(impl):
+      jaxpr = jax.make_jaxpr(lambda x, dw, pw: ops.depthwise_pointwise(
+          x, dw, pw, stride=1, padding=2, dilation=1, impl=impl))(x, dw, pw)
+      return [q for q in jaxpr.eqns
+              if q.primitive.name in ('conv_general_dilated', 'dot_general')]
+
+    dense = eqns('dense')
+    self.assertEqual([q.primitive.name for q in dense],
+                     ['conv_general_dilated'] * 3)
+    for q in dense:
+      chex.assert_shape(q.invars[1].aval, (5, 5, C, 4))
+    self.assertEqual([q.primitive.name for q in eqns('grouped')],
+                     ['conv_general_dilated', 'dot_general'])
+
 
 def _stacked_to_plain(stacked, e):
   """Edge e's slice of stacked params, renamed to the plain op's layout."""

@@ -159,10 +159,10 @@ class WSSepConv(nn.Module):
     for t, s in ((1, stride), (2, 1)):
       dw = self.param(f'depthwise{t}', WS_KAIMING, (self.inputs, k, k, 1, c))
       pw = self.param(f'pointwise{t}', WS_KAIMING, (self.inputs, c, c))
-      x = ops.depthwise(nn.relu(x)[None], _take(dw, j)[None], stride=s,
-                        padding=k // 2, dilation=1,
-                        impl=self.depthwise_impl)[0]
-      x = jnp.dot(x, _take(pw, j))
+      x = ops.depthwise_pointwise(nn.relu(x)[None], _take(dw, j)[None],
+                                  _take(pw, j)[None], stride=s,
+                                  padding=k // 2, dilation=1,
+                                  impl=self.depthwise_impl)[0]
       x = WSBatchNorm(self.inputs, self.bn_axis_name, name=f'bn{t}')(x, j)
     return x
 
