@@ -104,6 +104,20 @@ def resolve_depthwise_impl(impl: str) -> str:
   return impl
 
 
+def _per_edge_conv(x: jax.Array, kernels: Sequence[jax.Array], *,
+                   stride: int, padding: int, dilation: int) -> jax.Array:
+  """x [E, B, H, W, C] and E dense (k, k, C, F) kernels -> [E, B, H', W', F],
+  one convolution per edge. `unstack` splits the edges: its transpose is
+  one `stack`, where indexing each edge would transpose to E zero-padded
+  copies of the whole input (BENCHMARKS.md)."""
+  pad = ((padding, padding),) * 2
+  return jnp.stack([
+      lax.conv_general_dilated(xi, ki, (stride, stride), pad,
+                               rhs_dilation=(dilation, dilation),
+                               dimension_numbers=_DN)
+      for xi, ki in zip(jnp.unstack(x), kernels)])
+
+
 def depthwise(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int,
               dilation: int, impl: str) -> jax.Array:
   """Per-edge depthwise conv: x [E, B, H, W, C], kernel [E, k, k, 1, C]."""
@@ -121,11 +135,8 @@ def depthwise(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int,
     return jnp.moveaxis(y.reshape(y.shape[:3] + (e, c)), 3, 0)
   if impl == 'dense':
     eye = jnp.eye(c, dtype=x.dtype)
-    return jnp.stack([
-        lax.conv_general_dilated(xi, ki * eye, (stride, stride), pad,
-                                 rhs_dilation=(dilation, dilation),
-                                 dimension_numbers=_DN)
-        for xi, ki in zip(jnp.unstack(x), jnp.unstack(kernel))])
+    return _per_edge_conv(x, [ki * eye for ki in jnp.unstack(kernel)],
+                          stride=stride, padding=padding, dilation=dilation)
   # 'shift': sum over taps of strided slices of the padded input.
   xp = jnp.pad(x, ((0, 0), (0, 0)) + pad + ((0, 0),))
   h_out = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
@@ -161,12 +172,8 @@ def depthwise_pointwise(x: jax.Array, depthwise_kernel: jax.Array,
   if resolve_depthwise_impl(impl) == 'dense':
     kernel = (depthwise_kernel[:, :, :, 0, :, None] *
               pointwise_kernel[:, None, None]).astype(x.dtype)
-    pad = ((padding, padding),) * 2
-    return jnp.stack([
-        lax.conv_general_dilated(xi, ki, (stride, stride), pad,
-                                 rhs_dilation=(dilation, dilation),
-                                 dimension_numbers=_DN)
-        for xi, ki in zip(jnp.unstack(x), jnp.unstack(kernel))])
+    return _per_edge_conv(x, jnp.unstack(kernel), stride=stride,
+                          padding=padding, dilation=dilation)
   y = depthwise(x, depthwise_kernel.astype(x.dtype), stride=stride,
                 padding=padding, dilation=dilation, impl=impl)
   return jnp.einsum('ebhwc,ecf->ebhwf', y, pointwise_kernel.astype(x.dtype))
