@@ -255,7 +255,7 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
   if batch_size is not None:
     config.batch_size = batch_size
   if share_backward is not None:
-    config.share_backward = share_backward
+    config.share_backward = 'on' if share_backward else 'off'
   num_classes, image_size = 10, 32
   rng = np.random.default_rng(0)
   if method_name == 'nao':

@@ -88,6 +88,12 @@ class ConfigError(ValueError):
   """A config that cannot run; raised before anything is compiled."""
 
 
+# config.share_backward -> darts.make's share_backward (None: its automatic
+# choice). Bools are configs written before 'auto' existed.
+_SHARE_BACKWARD = {'auto': None, 'on': True, 'off': False, True: True,
+                   False: False}
+
+
 def validate(config) -> None:
   """Raises ConfigError listing everything wrong with `config`."""
   from jaxnas import ops  # pylint: disable=g-import-not-at-top
@@ -150,9 +156,13 @@ def validate(config) -> None:
   if config.get('order', 'first') not in darts.ORDERS:
     problems.append(f"order must be one of {darts.ORDERS}, got "
                     f"{config.get('order')!r}")
-  if config.get('share_backward') and config.get('order') != 'first':
-    problems.append('share_backward needs order=first; set '
-                    '--config.share_backward=False')
+  share = config.get('share_backward', 'off')
+  if share not in _SHARE_BACKWARD:
+    problems.append(f"share_backward must be one of ('auto', 'on', 'off'), "
+                    f'got {share!r}')
+  elif _SHARE_BACKWARD[share] and config.get('order') != 'first':
+    problems.append("share_backward='on' needs order=first; set "
+                    "--config.share_backward=auto")
   dt = config.get('compute_dtype', 'float32')
   if dt not in COMPUTE_DTYPES:
     problems.append(f'compute_dtype must be one of {COMPUTE_DTYPES}, got '
@@ -169,6 +179,11 @@ def validate(config) -> None:
   if config.get('depthwise_impl', 'auto') not in ops.DEPTHWISE_IMPLS:
     problems.append(f'depthwise_impl must be one of {ops.DEPTHWISE_IMPLS}, '
                     f"got {config.get('depthwise_impl')!r}")
+  elif (config.get('depthwise_impl') == 'dense_loop' and
+        config.get('order', 'first') == 'exact'):
+    problems.append("order='exact' needs forward-mode autodiff, which "
+                    "depthwise_impl='dense_loop' does not support; set "
+                    "--config.depthwise_impl=dense")
   if config.get('parallel', 'pmap') not in _PARALLEL_MODES:
     problems.append(f'parallel must be one of {_PARALLEL_MODES}, got '
                     f"{config.get('parallel')!r}")
@@ -474,7 +489,7 @@ def build(config, num_classes: int, steps_per_epoch: int):
       arch_betas=(config.arch_b1, config.arch_b2),
       arch_weight_decay=config.arch_weight_decay,
       arch_init_scale=config.arch_init_scale, fd_r=config.fd_r,
-      share_backward=config.get('share_backward', False),
+      share_backward=_SHARE_BACKWARD[config.get('share_backward', 'off')],
       nesterov=config.get('nesterov', False), derive_fn=derive_fn)
   return net, method
 

@@ -24,8 +24,10 @@ Synopsis:
   y = op.apply(variables, x, train=True, mutable=['batch_stats'])
 """
 
+import contextlib
+import contextvars
 import functools
-from typing import Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -90,7 +92,21 @@ torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in',
 # but its compile took 49 s against 35 s. The default `digits` search took 214 s
 # against 278 s (BENCHMARKS.md). Compile-bound runs, such as the `tiny` configs
 # of the tests, pick 'grouped'.
-DEPTHWISE_IMPLS = ('auto', 'grouped', 'dense', 'shift')
+# * 'dense_loop': 'dense' with each group's per-edge convolutions run as one
+#   `lax.scan` over the edges (two edges per iteration), so XLA compiles them
+#   once per group instead of once per edge. At `small` on XLA:CPU: compile
+#   about 30% shorter, step time the same, XLA peak memory 1.18 -> 1.61 GB
+#   (the loop keeps each edge's input as a residual); at `paper`: compile 18%
+#   shorter, step 11% longer (BENCHMARKS.md). For compile-bound runs. Reverse
+#   mode only: DARTS' order='exact' (forward over reverse) cannot use it.
+DEPTHWISE_IMPLS = ('auto', 'grouped', 'dense', 'dense_loop', 'shift')
+_DENSE_IMPLS = ('dense', 'dense_loop')
+# Edges per iteration of the 'dense_loop' scan. XLA:CPU runs independent ops
+# of a program concurrently (two cores here) but the iterations of a loop one
+# after another; two convolutions per iteration keep both cores busy: one
+# edge per iteration made the `small` step 1.32x slower, two left it as fast
+# as the unrolled form.
+_EDGE_LOOP_UNROLL = 2
 
 _DN = ('NHWC', 'HWIO', 'NHWC')
 
@@ -104,18 +120,125 @@ def resolve_depthwise_impl(impl: str) -> str:
   return impl
 
 
+def _lax_conv(x, kernel, stride, padding, dilation):
+  return lax.conv_general_dilated(x, kernel, (stride, stride),
+                                  ((padding, padding),) * 2,
+                                  rhs_dilation=(dilation, dilation),
+                                  dimension_numbers=_DN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _canonical_vjp_conv(x, kernel, kernel_grad, stride, padding, dilation):
+  del kernel_grad
+  return _lax_conv(x, kernel, stride, padding, dilation)
+
+
+def _canonical_vjp_conv_fwd(x, kernel, kernel_grad, stride, padding,
+                            dilation):
+  return (_lax_conv(x, kernel, stride, padding, dilation),
+          (x, kernel, kernel_grad))
+
+
+def _canonical_vjp_conv_bwd(stride, padding, dilation, res, g):
+  """The transpose rules' maths, written as NHWC x HWIO convolutions.
+
+  Input gradient: g, dilated by the stride, convolved with the kernel
+  flipped in space and with in/out features swapped. Kernel gradient: x
+  seen as [C, H, W, B] (channels as the batch, the batch as features)
+  convolved with g seen as [H', W', B, F] (a window the output's size,
+  strided by the kernel's dilation, dilated by the stride), which gives
+  [C, >=k, >=k, F]: sliced to k x k and moved to HWIO. Where the traced
+  `kernel_grad` is False, the kernel gradient is zeros, not computed.
+  """
+  x, kernel, kernel_grad = res
+  k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
+  ho, wo = g.shape[1], g.shape[2]
+  lo = dilation * (k - 1) - padding
+  dx = lax.conv_general_dilated(
+      g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3), (1, 1),
+      ((lo, h - stride * (ho - 1) - 1 + padding),
+       (lo, w - stride * (wo - 1) - 1 + padding)),
+      lhs_dilation=(stride, stride), rhs_dilation=(dilation, dilation),
+      dimension_numbers=_DN)
+
+  def dk():
+    d = lax.conv_general_dilated(
+        jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)),
+        (dilation, dilation), ((padding, padding),) * 2,
+        rhs_dilation=(stride, stride), dimension_numbers=_DN)
+    return jnp.transpose(d[:, :k, :k], (1, 2, 0, 3)).astype(kernel.dtype)
+
+  return dx, lax.cond(kernel_grad, dk, lambda: jnp.zeros_like(kernel)), None
+
+
+_canonical_vjp_conv.defvjp(_canonical_vjp_conv_fwd, _canonical_vjp_conv_bwd)
+
+
+class _LoopBody(NamedTuple):
+  kernel_grads: Any
+
+
+_LOOP_BODY = contextvars.ContextVar('jaxnas_conv_loop_body', default=None)
+
+
+@contextlib.contextmanager
+def convolutions_in_loop_body(kernel_grads: Any = True):
+  """While tracing inside, `conv2d` uses its loop-friendly gradients.
+
+  For code that runs a network inside `lax.scan` or a while loop, such as
+  DARTS' `shared_first_order_step`. It acts at trace time only.
+  `kernel_grads`: a bool, or a traced boolean scalar of the loop body;
+  where False the convolutions' kernel gradients are zeros and are not
+  computed (for an iteration that discards them).
+  """
+  token = _LOOP_BODY.set(_LoopBody(kernel_grads))
+  try:
+    yield
+  finally:
+    _LOOP_BODY.reset(token)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
+           padding: int = 0, dilation: int = 1,
+           in_loop: Optional[bool] = None) -> jax.Array:
+  """NHWC x HWIO convolution with square stride, padding and dilation.
+
+  `lax.conv_general_dilated`, except for the gradients of a convolution in a
+  loop body on CPU (`in_loop`, or None: inside `convolutions_in_loop_body`).
+  There XLA:CPU leaves the gradient convolutions that JAX's transpose rules
+  emit in their transposed layouts and runs them through a slow generic
+  loop, 16x slower than in the canonical layout; the entry computation
+  converts them, loop bodies do not (BENCHMARKS.md). Such convolutions get a
+  custom VJP with the same maths written as NHWC x HWIO convolutions: the
+  same values and gradients, reverse mode only (a `custom_vjp` refuses
+  `jax.jvp`, so forward-over-reverse Hessian-vector products cannot go
+  through them). Unrolled and on accelerators JAX's own rules are used.
+  """
+  body = _LOOP_BODY.get()
+  if in_loop is None:
+    in_loop = body is not None
+  if in_loop and jax.default_backend() == 'cpu':
+    kernel_grads = True if body is None else body.kernel_grads
+    return _canonical_vjp_conv(x, kernel, jnp.asarray(kernel_grads, bool),
+                               stride, padding, dilation)
+  return _lax_conv(x, kernel, stride, padding, dilation)
+
+
 def _per_edge_conv(x: jax.Array, kernels: Sequence[jax.Array], *,
-                   stride: int, padding: int, dilation: int) -> jax.Array:
+                   stride: int, padding: int, dilation: int,
+                   loop: bool = False) -> jax.Array:
   """x [E, B, H, W, C] and E dense (k, k, C, F) kernels -> [E, B, H', W', F],
-  one convolution per edge. `unstack` splits the edges: its transpose is
-  one `stack`, where indexing each edge would transpose to E zero-padded
-  copies of the whole input (BENCHMARKS.md)."""
-  pad = ((padding, padding),) * 2
-  return jnp.stack([
-      lax.conv_general_dilated(xi, ki, (stride, stride), pad,
-                               rhs_dilation=(dilation, dilation),
-                               dimension_numbers=_DN)
-      for xi, ki in zip(jnp.unstack(x), kernels)])
+  one convolution per edge, unrolled or (`loop`) as one scan over the edges.
+  Unrolled, `unstack` splits the edges: its transpose is one `stack`, where
+  indexing each edge would transpose to E zero-padded copies of the whole
+  input (BENCHMARKS.md)."""
+  loop = loop and len(kernels) > 1
+  conv = functools.partial(conv2d, stride=stride, padding=padding,
+                           dilation=dilation, in_loop=loop or None)
+  if loop:
+    return lax.scan(lambda _, xk: (None, conv(*xk)), None,
+                    (x, jnp.stack(kernels)), unroll=_EDGE_LOOP_UNROLL)[1]
+  return jnp.stack([conv(xi, ki) for xi, ki in zip(jnp.unstack(x), kernels)])
 
 
 def depthwise(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int,
@@ -133,10 +256,11 @@ def depthwise(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int,
                                  dimension_numbers=_DN,
                                  feature_group_count=e * c)
     return jnp.moveaxis(y.reshape(y.shape[:3] + (e, c)), 3, 0)
-  if impl == 'dense':
+  if impl in _DENSE_IMPLS:
     eye = jnp.eye(c, dtype=x.dtype)
     return _per_edge_conv(x, [ki * eye for ki in jnp.unstack(kernel)],
-                          stride=stride, padding=padding, dilation=dilation)
+                          stride=stride, padding=padding, dilation=dilation,
+                          loop=impl == 'dense_loop')
   # 'shift': sum over taps of strided slices of the padded input.
   xp = jnp.pad(x, ((0, 0), (0, 0)) + pad + ((0, 0),))
   h_out = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
@@ -169,11 +293,13 @@ def depthwise_pointwise(x: jax.Array, depthwise_kernel: jax.Array,
   pointwise contraction. The product is formed at the kernels' precision and
   then cast to x's dtype.
   """
-  if resolve_depthwise_impl(impl) == 'dense':
+  impl = resolve_depthwise_impl(impl)
+  if impl in _DENSE_IMPLS:
     kernel = (depthwise_kernel[:, :, :, 0, :, None] *
               pointwise_kernel[:, None, None]).astype(x.dtype)
     return _per_edge_conv(x, jnp.unstack(kernel), stride=stride,
-                          padding=padding, dilation=dilation)
+                          padding=padding, dilation=dilation,
+                          loop=impl == 'dense_loop')
   y = depthwise(x, depthwise_kernel.astype(x.dtype), stride=stride,
                 padding=padding, dilation=dilation, impl=impl)
   return jnp.einsum('ebhwc,ecf->ebhwf', y, pointwise_kernel.astype(x.dtype))
@@ -266,12 +392,8 @@ class Conv(nn.Module):
                         (k, k, x.shape[-1], self.features))
     if self.kernel_only:
       return kernel
-    return lax.conv_general_dilated(
-        x, kernel.astype(x.dtype),
-        window_strides=(self.stride, self.stride),
-        padding=((self.padding, self.padding),) * 2,
-        rhs_dilation=(self.dilation, self.dilation),
-        dimension_numbers=_DN)
+    return conv2d(x, kernel.astype(x.dtype), stride=self.stride,
+                  padding=self.padding, dilation=self.dilation)
 
 
 class DepthwiseConv(nn.Module):

@@ -1,5 +1,7 @@
 """Shapes of every candidate op, and stacked ops equal to the plain ones."""
 
+import re
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
@@ -9,6 +11,7 @@ import numpy as np
 
 from jaxnas import ops
 from jaxnas import stacked_ops
+from tests.methods import helpers
 
 C, B, H = 6, 2, 8
 
@@ -97,8 +100,8 @@ class OpsTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'max_pool_impl'):
       ops.max_pool_3x3(x, 1, 'fast')
 
-  @parameterized.product(impl=('grouped', 'dense', 'shift'), stride=(1, 2),
-                         dilation=(1, 2))
+  @parameterized.product(impl=('grouped', 'dense', 'dense_loop', 'shift'),
+                         stride=(1, 2), dilation=(1, 2))
   def test_depthwise_impls_agree(self, impl, stride, dilation):
     x = jax.random.normal(jax.random.key(1), (B, H, H, C))
     ref = ops.DepthwiseConv(3, stride, dilation, dilation, impl='grouped')
@@ -107,8 +110,8 @@ class OpsTest(parameterized.TestCase):
         variables, x)
     np.testing.assert_allclose(got, ref.apply(variables, x), atol=1e-5)
 
-  @parameterized.product(impl=('dense', 'shift'), stride=(1, 2),
-                         dilation=(1, 2))
+  @parameterized.product(impl=('dense', 'dense_loop', 'shift'),
+                         stride=(1, 2), dilation=(1, 2))
   def test_depthwise_pointwise_values_and_gradients(self, impl, stride,
                                                     dilation):
     # The plain formulation: grouped depthwise, then the 1x1 contraction.
@@ -137,6 +140,91 @@ class OpsTest(parameterized.TestCase):
       chex.assert_shape(g, w.shape)
       np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
 
+  @parameterized.parameters(
+      # (size, kernel, stride, padding, dilation)
+      (8, 3, 1, 1, 1), (8, 5, 1, 2, 1), (8, 3, 1, 2, 2), (9, 5, 1, 4, 2),
+      (8, 3, 2, 1, 1), (7, 3, 2, 1, 1), (8, 5, 2, 4, 2), (7, 1, 2, 0, 1),
+      (8, 3, 1, 0, 1), (6, 1, 1, 1, 1))
+  def test_conv2d_values_and_gradients(self, size, k, stride, padding,
+                                       dilation):
+    # The canonical-layout VJP (used on CPU) against JAX's transpose rules.
+    keys = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(keys[0], (2, size, size + 1, 3))
+    kernel = jax.random.normal(keys[1], (k, k, 3, 4))
+    out = [(n + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+           for n in (size, size + 1)]
+    probe = jax.random.normal(keys[2], (2, *out, 4))
+
+    def value_and_grads(conv):
+      def fn(x, kernel):
+        y = conv(x, kernel, stride, padding, dilation)
+        chex.assert_shape(y, probe.shape)
+        return jnp.sum(jnp.tanh(y) * probe)
+      return jax.value_and_grad(fn, argnums=(0, 1))(x, kernel)
+
+    def in_loop(kernel_grads):
+      def conv(x, k, s, p, d):
+        with ops.convolutions_in_loop_body(kernel_grads):
+          return ops.conv2d(x, k, stride=s, padding=p, dilation=d)
+      return conv
+
+    want, want_grads = value_and_grads(ops._lax_conv)
+    for kernel_grads in (True, jnp.bool_(True), False):
+      got, (got_dx, got_dk) = value_and_grads(in_loop(kernel_grads))
+      np.testing.assert_allclose(got, want, rtol=1e-6)
+      np.testing.assert_allclose(got_dx, want_grads[0], atol=1e-4, rtol=1e-5)
+      chex.assert_shape(got_dk, kernel.shape)
+      if kernel_grads:
+        np.testing.assert_allclose(got_dk, want_grads[1], atol=1e-4,
+                                   rtol=1e-5)
+      else:  # skipped: zeros
+        np.testing.assert_array_equal(got_dk, np.zeros_like(kernel))
+
+  def test_conv2d_gradients_stay_canonical_in_a_loop(self):
+    # Inside a loop body XLA:CPU runs convolutions in layouts other than
+    # NHWC x HWIO through a slow generic loop; JAX's own gradient rules give
+    # such layouts there, the canonical VJP does not.
+    x, kernel = jnp.ones((4, 9, 9, 3)), jnp.ones((3, 3, 3, 5))
+
+    def labels(conv):
+      def loss(x, kernel):
+        def body(c, _):
+          return c + jnp.sum(conv(x, kernel, 2, 1, 1) ** 2), None
+        return jax.lax.scan(body, 0., None, length=2)[0]
+      hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, kernel).compile(
+      ).as_text()
+      return set(re.findall(r'convolution\(.*dim_labels=([^,\s]+)', hlo))
+
+    def in_loop(x, kernel, stride, padding, dilation):
+      with ops.convolutions_in_loop_body():
+        return ops.conv2d(x, kernel, stride=stride, padding=padding,
+                          dilation=dilation)
+
+    self.assertEqual(labels(in_loop), {'b01f_01io->b01f'})
+    self.assertGreater(len(labels(ops._lax_conv)), 1)
+
+  def test_dense_loop_scans_the_edges(self):
+    # 'dense_loop' compiles one convolution per scan body for all edges;
+    # 'dense' one per edge.
+    x = jnp.ones((5, B, H, H, C))
+    dw, pw = jnp.ones((5, 3, 3, 1, C)), jnp.ones((5, C, 4))
+
+    def names(impl):
+      jaxpr = jax.make_jaxpr(lambda x, dw, pw: ops.depthwise_pointwise(
+          x, dw, pw, stride=1, padding=1, dilation=1, impl=impl))(x, dw, pw)
+      top = [q.primitive.name for q in jaxpr.eqns]
+      return top, [q.primitive.name for q in helpers.all_eqns(jaxpr.jaxpr)]
+
+    top, everywhere = names('dense')
+    self.assertEqual(top.count('conv_general_dilated'), 5)
+    self.assertEqual(everywhere.count('conv_general_dilated'), 5)
+    top, everywhere = names('dense_loop')
+    self.assertEqual(top.count('scan'), 1)
+    self.assertNotIn('conv_general_dilated', top)
+    # Inside the scan: one convolution, with the loop-friendly VJP.
+    self.assertEqual(everywhere.count('conv_general_dilated'), 1)
+    self.assertEqual(everywhere.count('custom_vjp_call'), 1)
+
   def test_dense_depthwise_pointwise_is_one_conv_per_edge(self):
     # One convolution per edge with a [k, k, C, F] kernel and no separate
     # pointwise contraction, forward; the other impls keep the contraction.
@@ -146,7 +234,7 @@ class OpsTest(parameterized.TestCase):
     def eqns(impl):
       jaxpr = jax.make_jaxpr(lambda x, dw, pw: ops.depthwise_pointwise(
           x, dw, pw, stride=1, padding=2, dilation=1, impl=impl))(x, dw, pw)
-      return [q for q in jaxpr.eqns
+      return [q for q in helpers.all_eqns(jaxpr.jaxpr)
               if q.primitive.name in ('conv_general_dilated', 'dot_general')]
 
     dense = eqns('dense')
@@ -181,7 +269,7 @@ class StackedOpsTest(parameterized.TestCase):
   @parameterized.product(
       name=('sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5',
             'skip_connect'),
-      stride=(1, 2), impl=('grouped', 'dense', 'shift'))
+      stride=(1, 2), impl=('grouped', 'dense', 'dense_loop', 'shift'))
   def test_each_edge_equals_plain_op(self, name, stride, impl):
     if name == 'skip_connect' and stride == 1:
       return  # identity: no parameters, shared rather than stacked

@@ -741,6 +741,21 @@ class NB201SearchTest(absltest.TestCase):
     with self.assertRaisesRegex(search.ConfigError,
                                 "order='second'.*meaningless"):
       search.search(config, wd)
+    config = _tiny_config()
+    config.order = 'exact'
+    config.depthwise_impl = 'dense_loop'
+    with self.assertRaisesRegex(search.ConfigError,
+                                "order='exact'.*dense_loop"):
+      search.search(config, wd)
+    config = _tiny_config()
+    config.order = 'second'  # the tiny config sets share_backward='on'
+    with self.assertRaisesRegex(search.ConfigError,
+                                "share_backward='on' needs order=first"):
+      search.search(config, wd)
+    config.share_backward = 'yes'
+    with self.assertRaisesRegex(search.ConfigError,
+                                "share_backward must be one of"):
+      search.search(config, wd)
     self.assertFalse(os.path.exists(wd))
 
 

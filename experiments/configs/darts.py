@@ -42,7 +42,9 @@ def get_config(variant: str = 'digits') -> ml_collections.ConfigDict:
   c = base.get_config(variant, 'darts')
   c.order = 'first'               # 'first' | 'second' (finite diff.) | 'exact'
   c.fd_r = 0.01                   # R = fd_r / ||v|| (second order)
-  # First order only: one compiled forward/backward for both phases; 27% less
-  # compile time but 12x slower steps on XLA:CPU (BENCHMARKS.md).
-  c.share_backward = variant == 'tiny'  # tiny is compile-bound
+  # First order: one compiled forward/backward for both phases
+  # (`darts.shared_first_order_step`). 'auto' is on on CPU, where it compiles
+  # 40% faster at the same step time (BENCHMARKS.md), off on accelerators
+  # (not measured there); 'on' | 'off' force it.
+  c.share_backward = 'on' if variant == 'tiny' else 'auto'
   return c

@@ -31,6 +31,7 @@ import optax
 
 from jaxnas import arch as arch_lib
 from jaxnas import hypergrad
+from jaxnas import ops
 from jaxnas import optim
 from jaxnas import parallel
 from jaxnas.methods import base
@@ -122,19 +123,23 @@ def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
   The architecture phase (validation batch) and the weight phase (training
   batch) run as two iterations of one `lax.scan` whose body takes gradients
   with respect to both weights and alphas and applies the phase's update, so
-  XLA compiles the supernet's forward and backward once instead of twice
-  (27% less compile time for the `small` benchmark). The price: the weight
-  gradients the architecture phase computes and discards, and, on XLA:CPU,
-  convolutions inside the loop body ran 12x slower (BENCHMARKS.md), so use
-  it only for compile-bound runs. Same updates and metrics as `search_step` with
+  XLA compiles the supernet's forward and backward once instead of twice.
+  The convolutions get `jaxnas.ops.conv2d`'s loop-friendly gradients (JAX's
+  own ran 16x slower in the loop body on XLA:CPU). The price is the weight
+  gradients the architecture phase computes and discards: at `small` on
+  XLA:CPU, compile 35-40% shorter, step about 17% longer (BENCHMARKS.md).
+  For compile-bound runs. Same updates and metrics as `search_step` with
   order='first'; it needs both batches to have the same shapes.
   """
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
   def phase(state, inputs):
     phase_batch, is_arch = inputs
-    (loss, (stats, logits)), (g_params, g_arch) = grad_fn(
-        state.params, state.arch, state.batch_stats, phase_batch)
+    # The architecture phase discards the weights' gradients: its
+    # convolutions skip their kernel gradients.
+    with ops.convolutions_in_loop_body(kernel_grads=~is_arch):
+      (loss, (stats, logits)), (g_params, g_arch) = grad_fn(
+          state.params, state.arch, state.batch_stats, phase_batch)
 
     def arch_update(state):
       return base.apply_arch_grads(state, g_arch, a_tx=a_tx), jnp.zeros(())
@@ -190,7 +195,7 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
          arch_betas=(0.5, 0.999), arch_weight_decay: float = 1e-3,
          arch_init_scale: float = arch_lib.DARTS_INIT_SCALE,
          fd_r: float = hypergrad.DARTS_FD_R,
-         share_backward: bool = False, nesterov: bool = False,
+         share_backward: Optional[bool] = None, nesterov: bool = False,
          schedule_epochs: Optional[int] = None, schedule_offset: int = 1,
          arch_param: arch_lib.Parametrisation = arch_lib.LOGITS,
          a_tx: Optional[optax.GradientTransformation] = None,
@@ -208,8 +213,9 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
     arch_init_scale: alphas start at `arch_init_scale * N(0, 1)`.
     fd_r: finite-difference scale of second order.
     share_backward: first order only: compile one forward/backward for both
-      phases (`shared_first_order_step`): less compile time, slower steps
-      (12x on XLA:CPU; see BENCHMARKS.md).
+      phases (`shared_first_order_step`). None: for order 'first' on CPU,
+      where it compiles 40% faster at the same step time (BENCHMARKS.md);
+      not on accelerators, where it is not measured.
     nesterov: Nesterov momentum in the weight SGD (AutoDL-Projects' DARTS on
       NAS-Bench-201); the second-order virtual step stays plain momentum.
     schedule_epochs, schedule_offset: see `optim.search_optimizers`.
@@ -226,9 +232,15 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
   """
   if order not in ORDERS:
     raise ValueError(f'order must be one of {ORDERS}, got {order!r}')
+  if share_backward is None:
+    share_backward = order == 'first' and jax.default_backend() == 'cpu'
   if share_backward and order != 'first':
     raise ValueError('share_backward needs order="first": second-order '
                      'hypergradients differentiate at other weights')
+  if order == 'exact' and getattr(net, 'depthwise_impl', None) == 'dense_loop':
+    raise ValueError("order='exact' needs forward-mode autodiff, which "
+                     "depthwise_impl='dense_loop' does not support; use "
+                     "'dense' or 'grouped'")
   schedule, w_tx, a_tx = optim.search_optimizers(
       lr=lr, lr_min=lr_min, epochs=epochs, steps_per_epoch=steps_per_epoch,
       momentum=momentum, weight_decay=weight_decay, grad_clip=grad_clip,

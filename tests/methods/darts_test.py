@@ -62,7 +62,11 @@ class DartsStepTest(absltest.TestCase):
 
   def test_shared_backward_step_equals_two_phase_step(self):
     shared = darts.make(NET, steps_per_epoch=4, epochs=2, share_backward=True)
-    step_a = jax.jit(self.method.step)
+    two_phase = darts.make(NET, steps_per_epoch=4, epochs=2,
+                           share_backward=False)
+    # On CPU the default is the shared step.
+    self.assertIs(self.method.step.func, darts.shared_first_order_step)
+    step_a = jax.jit(two_phase.step)
     step_b = jax.jit(shared.step)
     a = b = self.state
     for _ in range(2):
@@ -74,8 +78,20 @@ class DartsStepTest(absltest.TestCase):
                                 atol=1e-6)
     chex.assert_trees_all_close(metrics_b, metrics_a, rtol=1e-5, atol=1e-6)
     self.assertEqual(int(b.step), 2)
+    # The shared step's gradient convolutions are in the forward's layout
+    # (`ops.conv2d`'s loop-friendly VJP); the two-phase step's, from JAX's
+    # own rules, are not.
+    def conv_layouts(step):
+      jaxpr = jax.make_jaxpr(step)(self.state, self.batch).jaxpr
+      return {q.params['dimension_numbers'] for q in helpers.all_eqns(jaxpr)
+              if q.primitive.name == 'conv_general_dilated'}
+    self.assertLen(conv_layouts(shared.step), 1)
+    self.assertGreater(len(conv_layouts(two_phase.step)), 1)
     with self.assertRaisesRegex(ValueError, 'share_backward'):
       darts.make(NET, steps_per_epoch=4, order='second', share_backward=True)
+    with self.assertRaisesRegex(ValueError, 'dense_loop'):
+      darts.make(NET.clone(depthwise_impl='dense_loop'), steps_per_epoch=4,
+                 order='exact')
 
   def test_each_half_step_touches_only_its_pytree(self):
     loss_fn = functools.partial(base.classification_loss, net=NET,

@@ -1,6 +1,7 @@
 """Small shared pieces of the method tests: random batches, tree changes."""
 
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -32,3 +33,12 @@ def changed(a, b) -> bool:
   """Whether any leaf of pytree `a` differs from `b`'s."""
   return any(not np.array_equal(x, y)
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def all_eqns(jaxpr):
+  """The equations of `jaxpr` and of the jaxprs inside them (loop bodies,
+  custom VJPs), depth first."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      yield from all_eqns(sub)
