@@ -94,18 +94,19 @@ torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in',
 # of the tests, pick 'grouped'.
 # * 'dense_loop': 'dense' with each group's per-edge convolutions run as one
 #   `lax.scan` over the edges (two edges per iteration), so XLA compiles them
-#   once per group instead of once per edge. At `small` on XLA:CPU: compile
-#   about 30% shorter, step time the same, XLA peak memory 1.18 -> 1.61 GB
-#   (the loop keeps each edge's input as a residual); at `paper`: compile 18%
-#   shorter, step 11% longer (BENCHMARKS.md). For compile-bound runs. Reverse
-#   mode only: DARTS' order='exact' (forward over reverse) cannot use it.
+#   once per group instead of once per edge. On XLA:CPU, first-order DARTS
+#   without `share_backward`: compile about 20% shorter, step 5-10% longer,
+#   XLA peak memory 1.18 -> 1.61 GB at `small` and 7.5 -> 10.3 GB at `paper`
+#   (the loop keeps each edge's input as a residual; BENCHMARKS.md). For
+#   compile-bound runs. Reverse mode only: DARTS' order='exact' (forward over
+#   reverse) cannot use it.
 DEPTHWISE_IMPLS = ('auto', 'grouped', 'dense', 'dense_loop', 'shift')
 _DENSE_IMPLS = ('dense', 'dense_loop')
 # Edges per iteration of the 'dense_loop' scan. XLA:CPU runs independent ops
 # of a program concurrently (two cores here) but the iterations of a loop one
 # after another; two convolutions per iteration keep both cores busy: one
-# edge per iteration made the `small` step 1.32x slower, two left it as fast
-# as the unrolled form.
+# edge per iteration made the `small` step 1.32x slower than the unrolled
+# form (1.06x on one core), two edges 1.05-1.08x.
 _EDGE_LOOP_UNROLL = 2
 
 _DN = ('NHWC', 'HWIO', 'NHWC')
