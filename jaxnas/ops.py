@@ -97,7 +97,8 @@ torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in',
 #   once per group instead of once per edge. On XLA:CPU, first-order DARTS
 #   without `share_backward`: compile about 20% shorter, step 5-10% longer,
 #   XLA peak memory 1.18 -> 1.61 GB at `small` and 7.5 -> 10.3 GB at `paper`
-#   (the loop keeps each edge's input as a residual; BENCHMARKS.md). For
+#   (the loop keeps each edge's input as a residual). With it (the CPU
+#   default): compile 6-11% shorter, step 14-15% longer (BENCHMARKS.md). For
 #   compile-bound runs. Reverse mode only: DARTS' order='exact' (forward over
 #   reverse) cannot use it.
 DEPTHWISE_IMPLS = ('auto', 'grouped', 'dense', 'dense_loop', 'shift')
