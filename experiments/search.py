@@ -160,7 +160,7 @@ def validate(config) -> None:
   if share not in _SHARE_BACKWARD:
     problems.append(f"share_backward must be one of ('auto', 'on', 'off'), "
                     f'got {share!r}')
-  elif _SHARE_BACKWARD[share] and config.get('order') != 'first':
+  elif _SHARE_BACKWARD[share] and config.get('order', 'first') != 'first':
     problems.append("share_backward='on' needs order=first; set "
                     "--config.share_backward=auto")
   dt = config.get('compute_dtype', 'float32')
@@ -244,6 +244,10 @@ def _gaea_problems(config) -> list:
                     f"{config.get('tau_min')} and {config.get('tau_max')}")
   if config.get('host') == 'darts' and config.get('warmup_epochs'):
     problems.append('warmup_epochs applies to host=gdas only')
+  if (config.get('host') == 'gdas' and
+      config.get('share_backward', 'off') in ('on', True)):
+    problems.append("share_backward applies to host=darts only; set "
+                    "--config.share_backward=auto")
   k = config.get('partial_channels', 1)
   if not isinstance(k, int) or isinstance(k, bool) or k < 1:
     problems.append(f'partial_channels must be a positive integer, got {k!r}')
@@ -440,6 +444,7 @@ def build(config, num_classes: int, steps_per_epoch: int):
         tau_max=config.tau_max, tau_min=config.tau_min,
         warmup_epochs=config.warmup_epochs, zero_terms=config.zero_terms,
         learn_edges=config.learn_edges, edge_lr=config.edge_lr,
+        share_backward=_SHARE_BACKWARD[config.get('share_backward', 'off')],
         derive_fn=derive_fn)
     return net, method
   if config.method == 'pdarts':

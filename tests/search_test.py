@@ -515,6 +515,15 @@ class GaeaSearchTest(absltest.TestCase):
         self.assertBetween(record[f'entropy_{t}'], 0., np.log(8) + 1e-6)
     _not_blank(self, os.path.join(wd, 'entropy.png'))
 
+  def test_share_backward_config_errors(self):
+    config = gaea_config.get_config('tiny')
+    config.share_backward = 'on'
+    search.validate(config)  # host darts, first order: allowed
+    config.host = 'gdas'
+    with self.assertRaisesRegex(search.ConfigError,
+                                'share_backward applies to host=darts'):
+      search.validate(config)
+
 
 class DropNASSearchTest(absltest.TestCase):
   """DropNAS (NB-201 tiny) through the search entry point."""

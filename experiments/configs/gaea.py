@@ -64,6 +64,9 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.partial_channels = 1
   c.learn_edges = False
   c.edge_lr = 0.1
+  # Host darts: both phases as one compiled loop body ('auto': on CPU; see
+  # experiments/configs/darts.py).
+  c.share_backward = 'auto'
   if c.space == 'darts':
     c.single_level = False        # the README's PC-DARTS command
     c.partial_channels = 4        # model_search.py: C // 4

@@ -98,6 +98,7 @@ def make(net: nn.Module, *, steps_per_epoch: int, host: str = 'darts',
          tau_max: float = rome.TAU_MAX, tau_min: float = rome.TAU_MIN,
          warmup_epochs: int = 0, zero_terms: bool = False,
          learn_edges: bool = False, edge_lr: float = 0.1,
+         share_backward: Optional[bool] = None,
          derive_fn: Optional[base.DeriveFn] = None) -> base.Method:
   """GAEA on `host`; defaults are GAEA DARTS on NAS-Bench-201.
 
@@ -118,6 +119,8 @@ def make(net: nn.Module, *, steps_per_epoch: int, host: str = 'darts',
       `jaxnas.methods.rome.make`).
     learn_edges, edge_lr: 'darts' on the DARTS space only: per-node edge
       probabilities moved by EG at `edge_lr` (GAEA PC-DARTS).
+    share_backward: 'darts' only: see `jaxnas.methods.darts.make` (None: on
+      CPU, both phases as one compiled loop body).
     derive_fn: weights -> genotype; default the space's rule on p (for
       NB-201 with `exclude=('none',)` where 'none' is excluded).
 
@@ -143,7 +146,8 @@ def make(net: nn.Module, *, steps_per_epoch: int, host: str = 'darts',
     if learn_edges:
       a_tx = edge_arch_optimizer(a_tx, edge_lr, net.steps)
       common['arch_param'] = arch_lib.simplex_with_edges(net.steps)
-    return darts.make(net, order='first', a_tx=a_tx, **common)
+    return darts.make(net, order='first', a_tx=a_tx,
+                      share_backward=share_backward, **common)
   a_tx = arch_optimizer(arch_lr, floor=floor, entropy_weight=entropy_weight,
                         floor_after_normalise=True,
                         warmup_steps=warmup_epochs * steps_per_epoch)
