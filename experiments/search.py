@@ -89,9 +89,16 @@ class ConfigError(ValueError):
 
 
 # config.share_backward -> darts.make's share_backward (None: its automatic
-# choice). Bools are configs written before 'auto' existed.
+# choice). Bools and 'true' / 'false' are configs and command lines written
+# before 'auto' existed (`--config.share_backward=False` arrives as a string).
 _SHARE_BACKWARD = {'auto': None, 'on': True, 'off': False, True: True,
-                   False: False}
+                   False: False, 'true': True, 'false': False}
+
+
+def _share_backward(config):
+  """config.share_backward as darts.make takes it; KeyError if invalid."""
+  value = config.get('share_backward', 'off')
+  return _SHARE_BACKWARD[value.lower() if isinstance(value, str) else value]
 
 
 def validate(config) -> None:
@@ -156,11 +163,13 @@ def validate(config) -> None:
   if config.get('order', 'first') not in darts.ORDERS:
     problems.append(f"order must be one of {darts.ORDERS}, got "
                     f"{config.get('order')!r}")
-  share = config.get('share_backward', 'off')
-  if share not in _SHARE_BACKWARD:
+  try:
+    share = _share_backward(config)
+  except (KeyError, TypeError):
     problems.append(f"share_backward must be one of ('auto', 'on', 'off'), "
-                    f'got {share!r}')
-  elif _SHARE_BACKWARD[share] and config.get('order', 'first') != 'first':
+                    f"got {config.get('share_backward')!r}")
+    share = None
+  if share and config.get('order', 'first') != 'first':
     problems.append("share_backward='on' needs order=first; set "
                     "--config.share_backward=auto")
   dt = config.get('compute_dtype', 'float32')
@@ -245,7 +254,7 @@ def _gaea_problems(config) -> list:
   if config.get('host') == 'darts' and config.get('warmup_epochs'):
     problems.append('warmup_epochs applies to host=gdas only')
   if (config.get('host') == 'gdas' and
-      config.get('share_backward', 'off') in ('on', True)):
+      _SHARE_BACKWARD.get(config.get('share_backward', 'off')) is True):
     problems.append("share_backward applies to host=darts only; set "
                     "--config.share_backward=auto")
   k = config.get('partial_channels', 1)
@@ -444,7 +453,7 @@ def build(config, num_classes: int, steps_per_epoch: int):
         tau_max=config.tau_max, tau_min=config.tau_min,
         warmup_epochs=config.warmup_epochs, zero_terms=config.zero_terms,
         learn_edges=config.learn_edges, edge_lr=config.edge_lr,
-        share_backward=_SHARE_BACKWARD[config.get('share_backward', 'off')],
+        share_backward=_share_backward(config),
         derive_fn=derive_fn)
     return net, method
   if config.method == 'pdarts':
@@ -494,7 +503,7 @@ def build(config, num_classes: int, steps_per_epoch: int):
       arch_betas=(config.arch_b1, config.arch_b2),
       arch_weight_decay=config.arch_weight_decay,
       arch_init_scale=config.arch_init_scale, fd_r=config.fd_r,
-      share_backward=_SHARE_BACKWARD[config.get('share_backward', 'off')],
+      share_backward=_share_backward(config),
       nesterov=config.get('nesterov', False), derive_fn=derive_fn)
   return net, method
 
@@ -507,7 +516,7 @@ RESUME_IGNORE = ('workdir', 'data_dir', 'log_every_steps', 'eval_batch_size',
                  'tensorboard', 'variant', 'max_eval_examples', 'parallel',
                  'num_devices', 'distributed', 'coordinator_address',
                  'num_processes', 'process_id', 'nb201_table',
-                 'single_path_remat', 'cell_remat')
+                 'single_path_remat', 'cell_remat', 'share_backward')
 
 
 # Keys added after runs were started with them absent, at the value that

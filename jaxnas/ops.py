@@ -188,7 +188,9 @@ def convolutions_in_loop_body(kernel_grads: Any = True):
   """While tracing inside, `conv2d` uses its loop-friendly gradients.
 
   For code that runs a network inside `lax.scan` or a while loop, such as
-  DARTS' `shared_first_order_step`. It acts at trace time only.
+  DARTS' `shared_first_order_step`. It acts at trace time only: enter it
+  inside the function being traced (the loop body), not around a call of
+  a jitted function, whose cached trace would not see it.
   `kernel_grads`: a bool, or a traced boolean scalar of the loop body;
   where False the convolutions' kernel gradients are zeros and are not
   computed (for an iteration that discards them).
@@ -215,6 +217,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
   same values and gradients, reverse mode only (a `custom_vjp` refuses
   `jax.jvp`, so forward-over-reverse Hessian-vector products cannot go
   through them). Unrolled and on accelerators JAX's own rules are used.
+  Grouped convolutions (`depthwise_impl='grouped'`) do not go through
+  here and keep JAX's rules in loop bodies too.
   """
   body = _LOOP_BODY.get()
   if in_loop is None:

@@ -765,6 +765,8 @@ class NB201SearchTest(absltest.TestCase):
     with self.assertRaisesRegex(search.ConfigError,
                                 "share_backward must be one of"):
       search.search(config, wd)
+    config.share_backward = 'False'  # an old command line's value
+    search.validate(config)
     self.assertFalse(os.path.exists(wd))
 
 

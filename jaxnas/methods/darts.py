@@ -125,12 +125,17 @@ def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
   with respect to both weights and alphas and applies the phase's update, so
   XLA compiles the supernet's forward and backward once instead of twice.
   The convolutions get `jaxnas.ops.conv2d`'s loop-friendly gradients (JAX's
-  own ran 16x slower in the loop body on XLA:CPU). The price is the weight
-  gradients the architecture phase computes and discards: at `small` on
-  XLA:CPU, compile 35-40% shorter, step about 17% longer (BENCHMARKS.md).
-  For compile-bound runs. Same updates and metrics as `search_step` with
+  own ran 16x slower in the loop body on XLA:CPU), and the architecture
+  phase skips their kernel gradients, which it would discard. On XLA:CPU:
+  compile 40-43% shorter than `search_step`'s at the same step time
+  (BENCHMARKS.md). Same updates and metrics as `search_step` with
   order='first'; it needs both batches to have the same shapes.
   """
+  shapes = [jax.tree.map(jnp.shape, batch[k]) for k in ('val', 'train')]
+  if shapes[0] != shapes[1]:
+    raise ValueError('the shared first-order step needs training and '
+                     f'validation batches of one shape, got {shapes[1]} and '
+                     f'{shapes[0]}; use share_backward=False')
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
   def phase(state, inputs):
@@ -163,6 +168,15 @@ def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
     metrics['lr'] = lr_schedule(state.step)
   metrics = parallel.pmean(metrics)
   return state.replace(step=state.step + 1), metrics
+
+
+def _shared_if_one_shape(state, batch, *, shared, two_phase):
+  """`share_backward=None`'s step: `shared` where the training and
+  validation batches have one shape (decided at trace time), else
+  `two_phase`."""
+  one_shape = (jax.tree.map(jnp.shape, batch['train']) ==
+               jax.tree.map(jnp.shape, batch['val']))
+  return (shared if one_shape else two_phase)(state, batch)
 
 
 def init(key: jax.Array, sample_images: jax.Array, *, net: nn.Module, w_tx,
@@ -214,8 +228,9 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
     fd_r: finite-difference scale of second order.
     share_backward: first order only: compile one forward/backward for both
       phases (`shared_first_order_step`). None: for order 'first' on CPU,
-      where it compiles 40% faster at the same step time (BENCHMARKS.md);
-      not on accelerators, where it is not measured.
+      where it compiles 40% faster at the same step time (BENCHMARKS.md),
+      when the step's two batches have one shape (else `search_step`); not
+      on accelerators, where it is not measured.
     nesterov: Nesterov momentum in the weight SGD (AutoDL-Projects' DARTS on
       NAS-Bench-201); the second-order virtual step stays plain momentum.
     schedule_epochs, schedule_offset: see `optim.search_optimizers`.
@@ -232,7 +247,8 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
   """
   if order not in ORDERS:
     raise ValueError(f'order must be one of {ORDERS}, got {order!r}')
-  if share_backward is None:
+  auto = share_backward is None
+  if auto:
     share_backward = order == 'first' and jax.default_backend() == 'cpu'
   if share_backward and order != 'first':
     raise ValueError('share_backward needs order="first": second-order '
@@ -249,17 +265,22 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
       schedule_offset=schedule_offset, a_tx=a_tx)
   loss_fn = functools.partial(base.classification_loss, net=net,
                               weights_fn=arch_param.weights)
+  two_phase = functools.partial(
+      search_step, loss_fn=loss_fn, w_tx=w_tx, a_tx=a_tx, order=order,
+      lr_schedule=schedule, momentum=momentum, weight_decay=weight_decay,
+      fd_r=fd_r)
+  step = two_phase
+  if share_backward:
+    step = functools.partial(shared_first_order_step, loss_fn=loss_fn,
+                             w_tx=w_tx, a_tx=a_tx, lr_schedule=schedule)
+    if auto:
+      step = functools.partial(_shared_if_one_shape, shared=step,
+                               two_phase=two_phase)
   return base.Method(
       init=functools.partial(init, net=net, w_tx=w_tx, a_tx=a_tx,
                              init_scale=arch_init_scale,
                              arch_param=arch_param),
-      step=functools.partial(
-          shared_first_order_step, loss_fn=loss_fn, w_tx=w_tx, a_tx=a_tx,
-          lr_schedule=schedule) if share_backward else
-      functools.partial(
-          search_step, loss_fn=loss_fn, w_tx=w_tx, a_tx=a_tx, order=order,
-          lr_schedule=schedule, momentum=momentum, weight_decay=weight_decay,
-          fd_r=fd_r),
+      step=step,
       eval_step=functools.partial(base.eval_step, net=net,
                                   weights_fn=arch_param.weights),
       derive=functools.partial(

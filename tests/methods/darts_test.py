@@ -64,8 +64,6 @@ class DartsStepTest(absltest.TestCase):
     shared = darts.make(NET, steps_per_epoch=4, epochs=2, share_backward=True)
     two_phase = darts.make(NET, steps_per_epoch=4, epochs=2,
                            share_backward=False)
-    # On CPU the default is the shared step.
-    self.assertIs(self.method.step.func, darts.shared_first_order_step)
     step_a = jax.jit(two_phase.step)
     step_b = jax.jit(shared.step)
     a = b = self.state
@@ -85,8 +83,18 @@ class DartsStepTest(absltest.TestCase):
       jaxpr = jax.make_jaxpr(step)(self.state, self.batch).jaxpr
       return {q.params['dimension_numbers'] for q in helpers.all_eqns(jaxpr)
               if q.primitive.name == 'conv_general_dilated'}
+    if jax.default_backend() != 'cpu':
+      self.skipTest('the loop-friendly gradients are for XLA:CPU')
     self.assertLen(conv_layouts(shared.step), 1)
     self.assertGreater(len(conv_layouts(two_phase.step)), 1)
+    # On CPU the default (share_backward=None) is the shared step where the
+    # two batches have one shape, and the two-phase step where they do not;
+    # share_backward=True refuses them.
+    self.assertLen(conv_layouts(self.method.step), 1)
+    uneven = {'train': self.batch['train'], 'val': _batch(7, n=B // 2)}
+    jax.make_jaxpr(self.method.step)(self.state, uneven)
+    with self.assertRaisesRegex(ValueError, 'one shape'):
+      jax.make_jaxpr(shared.step)(self.state, uneven)
     with self.assertRaisesRegex(ValueError, 'share_backward'):
       darts.make(NET, steps_per_epoch=4, order='second', share_backward=True)
     with self.assertRaisesRegex(ValueError, 'dense_loop'):
