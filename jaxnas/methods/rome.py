@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from jaxnas import arch as arch_lib
+from jaxnas import ops
 from jaxnas import optim
 from jaxnas import parallel
 from jaxnas.methods import base
@@ -70,7 +71,8 @@ def linear_tau(tau_max: float, tau_min: float, epochs: int,
   return schedule
 
 
-def accumulate(grad_fn, keys: jax.Array, batch_stats, zeros):
+def accumulate(grad_fn, keys: jax.Array, batch_stats, zeros,
+               kernel_grads: bool = True):
   """Sums the gradients of `grad_fn` over `keys`, one key at a time.
 
   Args:
@@ -79,6 +81,9 @@ def accumulate(grad_fn, keys: jax.Array, batch_stats, zeros):
     batch_stats: BN running statistics, threaded through the samples in
       order (each forward updates them, as K PyTorch forwards would).
     zeros: zeros shaped like the gradients.
+    kernel_grads: whether `grad_fn` needs the convolutions' kernel gradients
+      (False when it differentiates the architecture only). The loop body's
+      convolutions use `jaxnas.ops.conv2d`'s loop-friendly gradients.
 
   Returns:
     (summed gradients, batch_stats after the K samples, [K] losses,
@@ -87,7 +92,8 @@ def accumulate(grad_fn, keys: jax.Array, batch_stats, zeros):
   """
   def body(carry, key):
     g_sum, stats = carry
-    (loss, (stats, logits)), g = grad_fn(key, stats)
+    with ops.convolutions_in_loop_body(kernel_grads):
+      (loss, (stats, logits)), g = grad_fn(key, stats)
     return (jax.tree.map(jnp.add, g_sum, g), stats), (loss, logits)
 
   (g_sum, stats), (losses, logits) = jax.lax.scan(
@@ -154,7 +160,7 @@ def search_step(state: base.SearchState, batch, *, net: nn.Module,
                                        batch['val'], k, tau)
     g, stats, losses, logits = accumulate(
         grad_fn, jax.random.split(k_arch, arch_samples), state.batch_stats,
-        jax.tree.map(jnp.zeros_like, state.arch))
+        jax.tree.map(jnp.zeros_like, state.arch), kernel_grads=False)
     g = jax.tree.map(lambda x: x / arch_samples, g)
     state = base.apply_arch_grads(state, g, a_tx=a_tx)
     metrics.update(val_loss=jnp.mean(losses),

@@ -228,6 +228,45 @@ class RomeStepTest(absltest.TestCase):
 
 class AccumulateTest(absltest.TestCase):
 
+  def test_network_gradients_equal_the_unrolled_sum(self):
+    # In the scan body the convolutions take `ops.conv2d`'s loop-friendly
+    # gradients (on CPU), the weights' with kernel gradients, the
+    # architecture's without; unrolled, JAX's own rules.
+    net = NET.clone(primitives=('max_pool_3x3', 'skip_connect',
+                                'sep_conv_3x3'))
+    method = rome.make(net, steps_per_epoch=4, epochs=2, num_samples=2)
+    state = method.init(jax.random.key(0), _batch(0)['image'][:1])
+    loss = functools.partial(rome._sample_loss, net=net,
+                             sample_fn=method.step.keywords['sample_fn'])
+    batch, keys = _batch(1), jax.random.split(jax.random.key(3), 2)
+    for argnums, kernel_grads in ((0, True), (1, False)):
+      zeros = jax.tree.map(jnp.zeros_like, (state.params, state.arch)[argnums])
+
+      def grad_fn(key, stats, argnums=argnums):
+        return jax.value_and_grad(loss, argnums=argnums, has_aux=True)(
+            state.params, state.arch, stats, batch, key, 1.)
+
+      def looped(kernel_grads=kernel_grads, grad_fn=grad_fn, zeros=zeros):
+        return rome.accumulate(grad_fn, keys, state.batch_stats, zeros,
+                               kernel_grads=kernel_grads)
+
+      def unrolled(grad_fn=grad_fn, zeros=zeros):
+        total, stats = zeros, state.batch_stats
+        for i in range(len(keys)):
+          (_, (stats, _)), g = grad_fn(keys[i], stats)
+          total = jax.tree.map(jnp.add, total, g)
+        return total, stats
+
+      g, stats, _, _ = jax.jit(looped)()
+      want_g, want_stats = jax.jit(unrolled)()
+      chex.assert_trees_all_close(g, want_g, rtol=1e-4, atol=1e-5)
+      chex.assert_trees_all_close(stats, want_stats, rtol=1e-5, atol=1e-6)
+      if jax.default_backend() == 'cpu':  # one layout: the loop-friendly VJP
+        layouts = {q.params['dimension_numbers'] for q in helpers.all_eqns(
+            jax.make_jaxpr(looped)().jaxpr)
+                   if q.primitive.name == 'conv_general_dilated'}
+        self.assertLen(layouts, 1)
+
   def test_sums_in_order_and_threads_state(self):
     keys = jax.random.split(jax.random.key(0), 3)
 
