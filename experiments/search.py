@@ -172,6 +172,9 @@ def validate(config) -> None:
   if share and config.get('order', 'first') != 'first':
     problems.append("share_backward='on' needs order=first; set "
                     "--config.share_backward=auto")
+  if share and method == 'gaea' and config.get('host') == 'gdas':
+    problems.append("share_backward applies to host=darts only; set "
+                    "--config.share_backward=auto")
   dt = config.get('compute_dtype', 'float32')
   if dt not in COMPUTE_DTYPES:
     problems.append(f'compute_dtype must be one of {COMPUTE_DTYPES}, got '
@@ -253,10 +256,6 @@ def _gaea_problems(config) -> list:
                     f"{config.get('tau_min')} and {config.get('tau_max')}")
   if config.get('host') == 'darts' and config.get('warmup_epochs'):
     problems.append('warmup_epochs applies to host=gdas only')
-  if (config.get('host') == 'gdas' and
-      _SHARE_BACKWARD.get(config.get('share_backward', 'off')) is True):
-    problems.append("share_backward applies to host=darts only; set "
-                    "--config.share_backward=auto")
   k = config.get('partial_channels', 1)
   if not isinstance(k, int) or isinstance(k, bool) or k < 1:
     problems.append(f'partial_channels must be a positive integer, got {k!r}')

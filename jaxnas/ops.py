@@ -27,7 +27,7 @@ Synopsis:
 import contextlib
 import contextvars
 import functools
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -176,10 +176,7 @@ def _canonical_vjp_conv_bwd(stride, padding, dilation, res, g):
 _canonical_vjp_conv.defvjp(_canonical_vjp_conv_fwd, _canonical_vjp_conv_bwd)
 
 
-class _LoopBody(NamedTuple):
-  kernel_grads: Any
-
-
+# Inside `convolutions_in_loop_body`: its `kernel_grads`; outside: None.
 _LOOP_BODY = contextvars.ContextVar('jaxnas_conv_loop_body', default=None)
 
 
@@ -195,7 +192,7 @@ def convolutions_in_loop_body(kernel_grads: Any = True):
   where False the convolutions' kernel gradients are zeros and are not
   computed (for an iteration that discards them).
   """
-  token = _LOOP_BODY.set(_LoopBody(kernel_grads))
+  token = _LOOP_BODY.set(kernel_grads)
   try:
     yield
   finally:
@@ -220,11 +217,12 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1,
   Grouped convolutions (`depthwise_impl='grouped'`) do not go through
   here and keep JAX's rules in loop bodies too.
   """
-  body = _LOOP_BODY.get()
+  kernel_grads = _LOOP_BODY.get()
   if in_loop is None:
-    in_loop = body is not None
+    in_loop = kernel_grads is not None
   if in_loop and jax.default_backend() == 'cpu':
-    kernel_grads = True if body is None else body.kernel_grads
+    if kernel_grads is None:
+      kernel_grads = True
     return _canonical_vjp_conv(x, kernel, jnp.asarray(kernel_grads, bool),
                                stride, padding, dilation)
   return _lax_conv(x, kernel, stride, padding, dilation)

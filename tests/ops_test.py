@@ -212,8 +212,7 @@ class OpsTest(parameterized.TestCase):
     dw, pw = jnp.ones((5, 3, 3, 1, C)), jnp.ones((5, C, 4))
 
     def names(impl):
-      jaxpr = jax.make_jaxpr(lambda x, dw, pw: ops.depthwise_pointwise(
-          x, dw, pw, stride=1, padding=1, dilation=1, impl=impl))(x, dw, pw)
+      jaxpr = _depthwise_pointwise_jaxpr(impl, x, dw, pw)
       top = [q.primitive.name for q in jaxpr.eqns]
       return top, [q.primitive.name for q in helpers.all_eqns(jaxpr.jaxpr)]
 
@@ -235,8 +234,7 @@ class OpsTest(parameterized.TestCase):
     dw, pw = jnp.ones((3, 5, 5, 1, C)), jnp.ones((3, C, 4))
 
     def eqns(impl):
-      jaxpr = jax.make_jaxpr(lambda x, dw, pw: ops.depthwise_pointwise(
-          x, dw, pw, stride=1, padding=2, dilation=1, impl=impl))(x, dw, pw)
+      jaxpr = _depthwise_pointwise_jaxpr(impl, x, dw, pw)
       return [q for q in helpers.all_eqns(jaxpr.jaxpr)
               if q.primitive.name in ('conv_general_dilated', 'dot_general')]
 
@@ -247,6 +245,13 @@ class OpsTest(parameterized.TestCase):
       chex.assert_shape(q.invars[1].aval, (5, 5, C, 4))
     self.assertEqual([q.primitive.name for q in eqns('grouped')],
                      ['conv_general_dilated', 'dot_general'])
+
+
+def _depthwise_pointwise_jaxpr(impl, x, dw, pw):
+  """The jaxpr of a stride-1, same-size `ops.depthwise_pointwise`."""
+  k = dw.shape[1]
+  return jax.make_jaxpr(lambda x, dw, pw: ops.depthwise_pointwise(
+      x, dw, pw, stride=1, padding=k // 2, dilation=1, impl=impl))(x, dw, pw)
 
 
 def _stacked_to_plain(stacked, e):

@@ -131,11 +131,11 @@ def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
   (BENCHMARKS.md). Same updates and metrics as `search_step` with
   order='first'; it needs both batches to have the same shapes.
   """
-  shapes = [jax.tree.map(jnp.shape, batch[k]) for k in ('val', 'train')]
-  if shapes[0] != shapes[1]:
+  train_shapes, val_shapes = _phase_shapes(batch)
+  if train_shapes != val_shapes:
     raise ValueError('the shared first-order step needs training and '
-                     f'validation batches of one shape, got {shapes[1]} and '
-                     f'{shapes[0]}; use share_backward=False')
+                     f'validation batches of one shape, got {train_shapes} '
+                     f'and {val_shapes}; use share_backward=False')
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
   def phase(state, inputs):
@@ -170,13 +170,17 @@ def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
   return state.replace(step=state.step + 1), metrics
 
 
+def _phase_shapes(batch):
+  """The shapes of the training and of the validation batch (pytrees)."""
+  return tuple(jax.tree.map(jnp.shape, batch[k]) for k in ('train', 'val'))
+
+
 def _shared_if_one_shape(state, batch, *, shared, two_phase):
   """`share_backward=None`'s step: `shared` where the training and
   validation batches have one shape (decided at trace time), else
   `two_phase`."""
-  one_shape = (jax.tree.map(jnp.shape, batch['train']) ==
-               jax.tree.map(jnp.shape, batch['val']))
-  return (shared if one_shape else two_phase)(state, batch)
+  train_shapes, val_shapes = _phase_shapes(batch)
+  return (shared if train_shapes == val_shapes else two_phase)(state, batch)
 
 
 def init(key: jax.Array, sample_images: jax.Array, *, net: nn.Module, w_tx,

@@ -79,10 +79,8 @@ class DartsStepTest(absltest.TestCase):
     # The shared step's gradient convolutions are in the forward's layout
     # (`ops.conv2d`'s loop-friendly VJP); the two-phase step's, from JAX's
     # own rules, are not.
-    def conv_layouts(step):
-      jaxpr = jax.make_jaxpr(step)(self.state, self.batch).jaxpr
-      return {q.params['dimension_numbers'] for q in helpers.all_eqns(jaxpr)
-              if q.primitive.name == 'conv_general_dilated'}
+    conv_layouts = lambda step: helpers.conv_layouts(step, self.state,
+                                                     self.batch)
     if jax.default_backend() != 'cpu':
       self.skipTest('the loop-friendly gradients are for XLA:CPU')
     self.assertLen(conv_layouts(shared.step), 1)

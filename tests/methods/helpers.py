@@ -42,3 +42,10 @@ def all_eqns(jaxpr):
     yield eqn
     for sub in jax_core.jaxprs_in_params(eqn.params):
       yield from all_eqns(sub)
+
+
+def conv_layouts(fn, *args) -> set:
+  """The dimension numbers of every convolution in `fn(*args)`'s jaxpr."""
+  return {q.params['dimension_numbers']
+          for q in all_eqns(jax.make_jaxpr(fn)(*args).jaxpr)
+          if q.primitive.name == 'conv_general_dilated'}
