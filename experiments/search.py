@@ -466,7 +466,7 @@ def build(config, num_classes: int, steps_per_epoch: int):
         arch_weight_decay=config.arch_weight_decay,
         arch_grad_clip=config.arch_grad_clip,
         arch_init_scale=config.arch_init_scale, switches=switches,
-        derive_fn=derive_fn)
+        share_backward=_share_backward(config), derive_fn=derive_fn)
     return net, method
   if config.method == 'dropnas':
     method = dropnas.make(

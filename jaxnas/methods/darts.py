@@ -21,7 +21,7 @@ dependencies bound by `functools.partial`.
 """
 
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -117,7 +117,8 @@ def search_step(state: base.SearchState, batch, *, loss_fn, w_tx, a_tx,
 
 def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
                             w_tx, a_tx,
-                            lr_schedule: Optional[optax.Schedule] = None):
+                            lr_schedule: Optional[optax.Schedule] = None,
+                            arch_active: Any = True):
   """First-order `search_step` with one compiled forward/backward pass.
 
   The architecture phase (validation batch) and the weight phase (training
@@ -130,6 +131,10 @@ def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
   compile 40-43% shorter than `search_step`'s at the same step time
   (BENCHMARKS.md). Same updates and metrics as `search_step` with
   order='first'; it needs both batches to have the same shapes.
+
+  `arch_active`: a bool or traced boolean scalar; where False the
+  architecture phase is skipped (`lax.cond`: no forward/backward, state
+  unchanged, its loss and accuracy 0), as in P-DARTS' warm-up epochs.
   """
   train_shapes, val_shapes = _phase_shapes(batch)
   if train_shapes != val_shapes:
@@ -138,8 +143,7 @@ def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
                      f'and {val_shapes}; use share_backward=False')
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
-  def phase(state, inputs):
-    phase_batch, is_arch = inputs
+  def run_phase(state, phase_batch, is_arch):
     # The architecture phase discards the weights' gradients: its
     # convolutions skip their kernel gradients.
     with ops.convolutions_in_loop_body(kernel_grads=~is_arch):
@@ -156,14 +160,26 @@ def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
                                     state)
     state = state.replace(batch_stats=base.sync_batch_stats(stats))
     return state, (loss, base.accuracy(logits, phase_batch['label']),
-                   grad_norm)
+                   jnp.asarray(grad_norm, jnp.float32))
 
   stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), batch['val'],
                          batch['train'])
-  state, (loss, acc, grad_norm) = jax.lax.scan(
-      phase, state, (stacked, jnp.array([True, False])))
-  metrics = {'val_loss': loss[0], 'val_acc': acc[0], 'train_loss': loss[1],
-             'train_acc': acc[1], 'grad_norm': grad_norm[1]}
+
+  def phase(i, carry):  # i = 0: architecture, 1: weights
+    state, out = carry
+    state, m = run_phase(state, jax.tree.map(lambda x: x[i], stacked),
+                         i == 0)
+    return state, out.at[i].set(jnp.stack(m))
+
+  # A skipped architecture phase starts the loop at the weight phase (a
+  # while loop; a `lax.cond` around the phase raised XLA:CPU's peak memory
+  # by 28%).
+  first = 0 if arch_active is True else jnp.where(arch_active, 0, 1)
+  state, out = jax.lax.fori_loop(first, 2, phase,
+                                 (state, jnp.zeros((2, 3), jnp.float32)))
+  (val_loss, val_acc, _), (loss, acc, grad_norm) = out
+  metrics = {'val_loss': val_loss, 'val_acc': val_acc, 'train_loss': loss,
+             'train_acc': acc, 'grad_norm': grad_norm}
   if lr_schedule is not None:
     metrics['lr'] = lr_schedule(state.step)
   metrics = parallel.pmean(metrics)
@@ -181,6 +197,31 @@ def _shared_if_one_shape(state, batch, *, shared, two_phase):
   `two_phase`."""
   train_shapes, val_shapes = _phase_shapes(batch)
   return (shared if train_shapes == val_shapes else two_phase)(state, batch)
+
+
+def choose_step(share_backward: Optional[bool], order: str, *, shared,
+                two_phase):
+  """The step `share_backward` asks for, from a method's two forms of it.
+
+  `shared` runs both phases through one forward/backward
+  (`shared_first_order_step`), `two_phase` one after the other; both take
+  `(state, batch)`. True: `shared` (first order only); False: `two_phase`;
+  None: `shared` for order 'first' on CPU, where it compiles 40% faster at
+  the same step time (BENCHMARKS.md), for batches whose two halves have one
+  shape (decided at trace time), else `two_phase`; `two_phase` on
+  accelerators, where it is not measured.
+  """
+  if order not in ORDERS:
+    raise ValueError(f'order must be one of {ORDERS}, got {order!r}')
+  if share_backward and order != 'first':
+    raise ValueError('share_backward needs order="first": second-order '
+                     'hypergradients differentiate at other weights')
+  if share_backward is None:
+    if order != 'first' or jax.default_backend() != 'cpu':
+      return two_phase
+    return functools.partial(_shared_if_one_shape, shared=shared,
+                             two_phase=two_phase)
+  return shared if share_backward else two_phase
 
 
 def init(key: jax.Array, sample_images: jax.Array, *, net: nn.Module, w_tx,
@@ -231,10 +272,8 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
     arch_init_scale: alphas start at `arch_init_scale * N(0, 1)`.
     fd_r: finite-difference scale of second order.
     share_backward: first order only: compile one forward/backward for both
-      phases (`shared_first_order_step`). None: for order 'first' on CPU,
-      where it compiles 40% faster at the same step time (BENCHMARKS.md),
-      when the step's two batches have one shape (else `search_step`); not
-      on accelerators, where it is not measured.
+      phases (`shared_first_order_step`); None: automatic, see
+      `choose_step`.
     nesterov: Nesterov momentum in the weight SGD (AutoDL-Projects' DARTS on
       NAS-Bench-201); the second-order virtual step stays plain momentum.
     schedule_epochs, schedule_offset: see `optim.search_optimizers`.
@@ -251,12 +290,6 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
   """
   if order not in ORDERS:
     raise ValueError(f'order must be one of {ORDERS}, got {order!r}')
-  auto = share_backward is None
-  if auto:
-    share_backward = order == 'first' and jax.default_backend() == 'cpu'
-  if share_backward and order != 'first':
-    raise ValueError('share_backward needs order="first": second-order '
-                     'hypergradients differentiate at other weights')
   if order == 'exact' and getattr(net, 'depthwise_impl', None) == 'dense_loop':
     raise ValueError("order='exact' needs forward-mode autodiff, which "
                      "depthwise_impl='dense_loop' does not support; use "
@@ -273,13 +306,10 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
       search_step, loss_fn=loss_fn, w_tx=w_tx, a_tx=a_tx, order=order,
       lr_schedule=schedule, momentum=momentum, weight_decay=weight_decay,
       fd_r=fd_r)
-  step = two_phase
-  if share_backward:
-    step = functools.partial(shared_first_order_step, loss_fn=loss_fn,
-                             w_tx=w_tx, a_tx=a_tx, lr_schedule=schedule)
-    if auto:
-      step = functools.partial(_shared_if_one_shape, shared=step,
-                               two_phase=two_phase)
+  step = choose_step(
+      share_backward, order, two_phase=two_phase,
+      shared=functools.partial(shared_first_order_step, loss_fn=loss_fn,
+                               w_tx=w_tx, a_tx=a_tx, lr_schedule=schedule))
   return base.Method(
       init=functools.partial(init, net=net, w_tx=w_tx, a_tx=a_tx,
                              init_scale=arch_init_scale,

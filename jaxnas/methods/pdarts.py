@@ -263,11 +263,16 @@ def derive_final(probs: Mapping[str, np.ndarray],
 def search_step(state: base.SearchState, batch, *, loss_fn, w_tx, a_tx,
                 steps_per_epoch: int, epochs: int, initial_dropout: float,
                 warmup_epochs: int, decay: float,
-                lr_schedule: Optional[optax.Schedule] = None):
+                lr_schedule: Optional[optax.Schedule] = None,
+                shared: bool = False):
   """One P-DARTS iteration: (after the warm-up) a first-order architecture
   step on `batch['val']`, then a weight step on `batch['train']`, both with
   the epoch's skip dropout. Returns (state with `step + 1`, metrics
-  averaged over devices); `val_loss` / `val_acc` are 0 in the warm-up."""
+  averaged over devices); `val_loss` / `val_acc` are 0 in the warm-up.
+
+  `shared`: both phases through one compiled forward/backward
+  (`darts.shared_first_order_step`, which skips the architecture phase in
+  the warm-up); the same updates, masks and metrics."""
   epoch = state.step // steps_per_epoch
   rate = dropout_rate(epoch, initial_dropout, epochs=epochs,
                       warmup_epochs=warmup_epochs, decay=decay)
@@ -279,6 +284,14 @@ def search_step(state: base.SearchState, batch, *, loss_fn, w_tx, a_tx,
   def with_dropout(b, k):
     return {**b, 'net_kwargs': {'skip_dropout': rate},
             'rngs': {'dropout': k}}
+
+  if shared:
+    state, metrics = darts.shared_first_order_step(
+        state, {'val': with_dropout(batch['val'], k_arch),
+                'train': with_dropout(batch['train'], k_weights)},
+        loss_fn=loss_fn, w_tx=w_tx, a_tx=a_tx, lr_schedule=lr_schedule,
+        arch_active=epoch >= warmup_epochs)
+    return state, {**metrics, 'skip_dropout': rate}
 
   def arch_update(state):
     return darts.arch_step(state, None, with_dropout(batch['val'], k_arch),
@@ -307,6 +320,7 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 25,
          arch_grad_clip: float = 5.,
          arch_init_scale: float = arch_lib.DARTS_INIT_SCALE,
          switches: Optional[Mapping[str, np.ndarray]] = None,
+         share_backward: Optional[bool] = None,
          derive_fn: Optional[base.DeriveFn] = None) -> base.Method:
   """One P-DARTS stage with the reference's settings (defaults).
 
@@ -322,6 +336,9 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 25,
       after clipping the alphas' gradient norm.
     arch_init_scale: alphas start at `arch_init_scale * N(0, 1)`.
     switches: the stage's switches, to log mixtures over all ops.
+    share_backward: both phases through one compiled forward/backward
+      (`search_step`'s `shared`); None: automatic, as DARTS'
+      (`darts.choose_step`).
     derive_fn: softmax weights -> genotype of the stage (for logging; the
       final genotype is `derive_final`'s).
   """
@@ -338,14 +355,17 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 25,
       arch_weight_decay=arch_weight_decay, arch_grad_clip=arch_grad_clip)
   loss_fn = functools.partial(base.classification_loss, net=net,
                               weights_fn=arch_lib.softmax_weights)
+  step = functools.partial(
+      search_step, loss_fn=loss_fn, w_tx=w_tx, a_tx=a_tx,
+      steps_per_epoch=steps_per_epoch, epochs=epochs,
+      initial_dropout=initial_dropout, warmup_epochs=warmup_epochs,
+      decay=decay, lr_schedule=schedule)
   return base.Method(
       init=functools.partial(darts.init, net=net, w_tx=w_tx, a_tx=a_tx,
                              init_scale=arch_init_scale),
-      step=functools.partial(
-          search_step, loss_fn=loss_fn, w_tx=w_tx, a_tx=a_tx,
-          steps_per_epoch=steps_per_epoch, epochs=epochs,
-          initial_dropout=initial_dropout, warmup_epochs=warmup_epochs,
-          decay=decay, lr_schedule=schedule),
+      step=darts.choose_step(share_backward, 'first',
+                             shared=functools.partial(step, shared=True),
+                             two_phase=step),
       eval_step=functools.partial(base.eval_step, net=net,
                                   weights_fn=arch_lib.softmax_weights),
       derive=functools.partial(

@@ -208,6 +208,40 @@ class StepTest(absltest.TestCase):
     np.testing.assert_allclose(
         rates, [_reference_rate(e, 0.4, 4, 2) for e in range(4)], rtol=1e-6)
 
+  def test_shared_backward_step_equals_two_phase_step(self):
+    # Through the warm-up (architecture phase skipped) and after it, with
+    # skip dropout on: the same updates, masks and metrics.
+    sw = _switches([('max_pool_3x3', 'skip_connect', 'sep_conv_3x3')] * 5)
+    net = darts_space.SearchNetwork(
+        C=4, num_classes=10, layers=3, steps=2, multiplier=2,
+        normal_ops=pdarts.edge_ops(sw, PRIMS),
+        reduce_ops=pdarts.edge_ops(sw, PRIMS))
+    make = functools.partial(pdarts.make, net, steps_per_epoch=1, epochs=4,
+                             warmup_epochs=2, initial_dropout=0.4)
+    shared = make(share_backward=True)
+    two_phase = make(share_backward=False)
+    a = b = shared.init(jax.random.key(0), _batch(0)['image'][:1])
+    step_a, step_b = jax.jit(two_phase.step), jax.jit(shared.step)
+    for i in range(4):
+      batch = {'train': _batch(2 * i + 1), 'val': _batch(2 * i + 2)}
+      new_a, metrics_a = step_a(a, batch)
+      new_b, metrics_b = step_b(b, batch)
+      self.assertEqual(helpers.changed(new_b.arch, b.arch), i >= 2, i)
+      self.assertEqual(float(metrics_b['val_loss']) > 0, i >= 2, i)
+      chex.assert_trees_all_close(new_b.arch, new_a.arch, rtol=1e-5,
+                                  atol=1e-7)
+      chex.assert_trees_all_close(new_b.params, new_a.params, rtol=1e-5,
+                                  atol=1e-6)
+      chex.assert_trees_all_close(new_b.batch_stats, new_a.batch_stats,
+                                  rtol=1e-5, atol=1e-6)
+      chex.assert_trees_all_close(metrics_b, metrics_a, rtol=1e-5, atol=1e-6)
+      a, b = new_a, new_b
+    self.assertEqual(int(b.step), 4)
+    if jax.default_backend() == 'cpu':  # the loop-friendly gradients
+      self.assertLen(helpers.conv_layouts(shared.step, b, batch), 1)
+    # Dropout was on, so equal updates mean equal masks.
+    self.assertGreater(float(metrics_a['skip_dropout']), 0.)
+
 
 
 class NB201Test(absltest.TestCase):
