@@ -234,6 +234,10 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
 
   order = {'1': 'first', '2': 'second'}.get(order, order)
   config = _config(method_name, size)
+  if method_name == 'pdarts':
+    # Time the steps after the warm-up (architecture and weight phases);
+    # warm-up steps run the weight phase only.
+    config.warmup_epochs = 0
   width = config.get('init_channels', config.get('channels'))
   if method_name == 'darts':
     config.order = order
@@ -312,6 +316,7 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
       'share_backward': config.get('share_backward'),
       'cell_remat': config.get('cell_remat'),
       'compute_dtype': config.get('compute_dtype'),
+      'warmup_epochs': config.get('warmup_epochs'),
       'compile_s': round(lower_s + compile_only_s, 2),
       'lower_s': round(lower_s, 2),
       'peak_bytes': peak_bytes,
