@@ -169,8 +169,8 @@ def validate(config) -> None:
     problems.append(f"share_backward must be one of ('auto', 'on', 'off'), "
                     f"got {config.get('share_backward')!r}")
     share = None
-  if share and config.get('order', 'first') != 'first':
-    problems.append("share_backward='on' needs order=first; set "
+  if share and config.get('order', 'first') == 'exact':
+    problems.append("share_backward='on' needs order=first or second; set "
                     "--config.share_backward=auto")
   if share and method == 'gaea' and config.get('host') == 'gdas':
     problems.append("share_backward applies to host=darts only; set "

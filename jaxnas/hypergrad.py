@@ -73,17 +73,36 @@ def _unrolled(loss_fn, params, arch, batch_stats, train_batch, val_batch, *,
     return jax.grad(lambda a: loss_fn(w, a, batch_stats, train_batch)[0])(arch)
 
   hvp = hvp_fn(grad_arch_train, params, v)
-  g = jax.tree.map(lambda ga, h: ga - lr * h, g_arch, hvp)
-  return g, loss, aux
+  return unrolled_grad(g_arch, hvp, lr), loss, aux
+
+
+def unrolled_grad(g_arch: PyTree, hvp: PyTree, lr: jax.Array) -> PyTree:
+  """g = dL_val(w', a)/da - xi * H v."""
+  return jax.tree.map(lambda ga, h: ga - lr * h, g_arch, hvp)
+
+
+def fd_scale(v: PyTree, r: float = DARTS_FD_R) -> jax.Array:
+  """The finite differences' step R = r / ||v||."""
+  return r / optax.tree.norm(v)
+
+
+def perturb(params: PyTree, v: PyTree, eps: jax.Array) -> PyTree:
+  """w + eps * v."""
+  return jax.tree.map(lambda w, d: w + eps * d, params, v)
+
+
+def fd_difference(plus: PyTree, minus: PyTree, eps: jax.Array) -> PyTree:
+  """H v ~ (dL_trn(w + R v)/da - dL_trn(w - R v)/da) / (2 R)."""
+  return jax.tree.map(lambda p, m: (p - m) / (2 * eps), plus, minus)
 
 
 def _fd_hvp(r):
 
   def hvp(grad_arch_train, params, v):
-    eps = r / optax.tree.norm(v)
-    plus = grad_arch_train(jax.tree.map(lambda w, d: w + eps * d, params, v))
-    minus = grad_arch_train(jax.tree.map(lambda w, d: w - eps * d, params, v))
-    return jax.tree.map(lambda p, m: (p - m) / (2 * eps), plus, minus)
+    eps = fd_scale(v, r)
+    plus = grad_arch_train(perturb(params, v, eps))
+    minus = grad_arch_train(perturb(params, v, -eps))
+    return fd_difference(plus, minus, eps)
 
   return hvp
 

@@ -38,6 +38,10 @@ from jaxnas.methods import base
 
 ORDERS = ('first', 'second', 'exact')
 
+# The default float (float64 under `jax.enable_x64`): the shared steps'
+# metrics and finite-difference scale.
+_FLOAT = lambda: jnp.result_type(float)
+
 
 def arch_step(state: base.SearchState, train_batch, val_batch, *, loss_fn,
               a_tx, order: str = 'first',
@@ -176,12 +180,96 @@ def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
   # by 28%).
   first = 0 if arch_active is True else jnp.where(arch_active, 0, 1)
   state, out = jax.lax.fori_loop(first, 2, phase,
-                                 (state, jnp.zeros((2, 3), jnp.float32)))
+                                 (state, jnp.zeros((2, 3), _FLOAT())))
   (val_loss, val_acc, _), (loss, acc, grad_norm) = out
   metrics = {'val_loss': val_loss, 'val_acc': val_acc, 'train_loss': loss,
              'train_acc': acc, 'grad_norm': grad_norm}
   if lr_schedule is not None:
     metrics['lr'] = lr_schedule(state.step)
+  metrics = parallel.pmean(metrics)
+  return state.replace(step=state.step + 1), metrics
+
+
+def shared_second_order_step(state: base.SearchState, batch, *, loss_fn,
+                             w_tx, a_tx, lr_schedule: optax.Schedule,
+                             momentum: float = 0.9,
+                             weight_decay: float = 3e-4,
+                             fd_r: float = hypergrad.DARTS_FD_R):
+  """Second-order `search_step` with one compiled forward/backward pass.
+
+  The step's five gradients of the loss -- the virtual step's (training
+  batch, weights w), the validation gradient at the virtual weights w', the
+  finite differences' two at w +- R v (training batch), and the weight
+  step's (training batch, w, the updated alphas) -- run as the five
+  iterations of one loop whose body differentiates the loss with respect
+  to weights and alphas, then does what its pass does with the gradients
+  (`lax.switch`). XLA compiles the supernet's forward and backward once
+  instead of five times. The finite differences' passes skip the
+  convolutions' kernel gradients (`jaxnas.ops.conv2d`). Same maths
+  (`jaxnas.hypergrad.unrolled_fd`), updates and metrics as `search_step`
+  with order='second'; both batches must have one shape.
+  """
+  train_shapes, val_shapes = _phase_shapes(batch)
+  if train_shapes != val_shapes:
+    raise ValueError('the shared second-order step needs training and '
+                     f'validation batches of one shape, got {train_shapes} '
+                     f'and {val_shapes}; use share_backward=False')
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+  lr = lr_schedule(state.step)
+  momentum_buf = optim.momentum_buffer(state.w_opt_state, state.params)
+  stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), batch['train'],
+                         batch['val'])
+  zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+  # val_loss, val_acc, train_loss, train_acc, grad_norm
+  carry = {'state': state, 'w': state.params, 'v': zeros(state.params),
+           'eps': jnp.zeros((), _FLOAT()), 'g_val': zeros(state.arch),
+           'plus': zeros(state.arch), 'metrics': jnp.zeros(5, _FLOAT())}
+
+  def body(i, c):
+    state = c['state']
+    pass_batch = jax.tree.map(lambda x: x[(i == 1).astype(jnp.int32)],
+                              stacked)
+    with ops.convolutions_in_loop_body(kernel_grads=(i != 2) & (i != 3)):
+      (loss, (stats, logits)), (g_w, g_a) = grad_fn(
+          c['w'], state.arch, state.batch_stats, pass_batch)
+    acc = base.accuracy(logits, pass_batch['label'])
+
+    def virtual(c):  # w' = w - xi (mu m + dL_trn/dw + wd w)
+      w = hypergrad.virtual_step(state.params, parallel.pmean(g_w),
+                                 momentum_buf, lr=lr, momentum=momentum,
+                                 weight_decay=weight_decay)
+      return {**c, 'w': w}
+
+    def validation(c):  # v = dL_val(w')/dw', the arch gradient at w'
+      v = parallel.pmean(g_w)
+      eps = hypergrad.fd_scale(v, fd_r)
+      return {**c, 'v': v, 'eps': eps, 'g_val': g_a,
+              'w': hypergrad.perturb(state.params, v, eps),
+              'metrics': c['metrics'].at[:2].set(jnp.stack([loss, acc]))}
+
+    def plus(c):
+      return {**c, 'plus': g_a,
+              'w': hypergrad.perturb(state.params, c['v'], -c['eps'])}
+
+    def minus(c):  # the architecture update; then the weights at w
+      hvp = hypergrad.fd_difference(c['plus'], g_a, c['eps'])
+      state_ = base.apply_arch_grads(
+          state, hypergrad.unrolled_grad(c['g_val'], hvp, lr), a_tx=a_tx)
+      return {**c, 'state': state_, 'w': state.params}
+
+    def weights(c):
+      state_, grad_norm = base.apply_weight_grads(state, g_w, w_tx=w_tx)
+      state_ = state_.replace(batch_stats=base.sync_batch_stats(stats))
+      return {**c, 'state': state_, 'metrics': c['metrics'].at[2:].set(
+          jnp.stack([loss, acc, grad_norm]))}
+
+    return jax.lax.switch(i, (virtual, validation, plus, minus, weights), c)
+
+  out = jax.lax.fori_loop(0, 5, body, carry)
+  state = out['state']
+  metrics = dict(zip(('val_loss', 'val_acc', 'train_loss', 'train_acc',
+                      'grad_norm'), out['metrics']))
+  metrics['lr'] = lr_schedule(state.step)
   metrics = parallel.pmean(metrics)
   return state.replace(step=state.step + 1), metrics
 
@@ -205,19 +293,21 @@ def choose_step(share_backward: Optional[bool], order: str, *, shared,
 
   `shared` runs both phases through one forward/backward
   (`shared_first_order_step`), `two_phase` one after the other; both take
-  `(state, batch)`. True: `shared` (first order only); False: `two_phase`;
-  None: `shared` for order 'first' on CPU, where it compiles 40% faster at
-  the same step time (BENCHMARKS.md), for batches whose two halves have one
-  shape (decided at trace time), else `two_phase`; `two_phase` on
-  accelerators, where it is not measured.
+  `(state, batch)`. True: `shared` (orders 'first' and 'second'); False:
+  `two_phase`; None: `shared` on CPU, where it compiles 40% (first order)
+  to 60% (second order) faster at the same step time (BENCHMARKS.md), for
+  batches whose two halves have one shape (decided at trace time), else
+  `two_phase`; `two_phase` for order 'exact' and on accelerators, where it
+  is not measured.
   """
   if order not in ORDERS:
     raise ValueError(f'order must be one of {ORDERS}, got {order!r}')
-  if share_backward and order != 'first':
-    raise ValueError('share_backward needs order="first": second-order '
-                     'hypergradients differentiate at other weights')
+  if share_backward and order == 'exact':
+    raise ValueError("share_backward needs order 'first' or 'second': the "
+                     "exact Hessian-vector product needs forward-mode "
+                     "autodiff, which the loop's convolutions do not have")
   if share_backward is None:
-    if order != 'first' or jax.default_backend() != 'cpu':
+    if order == 'exact' or jax.default_backend() != 'cpu':
       return two_phase
     return functools.partial(_shared_if_one_shape, shared=shared,
                              two_phase=two_phase)
@@ -271,9 +361,9 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
     arch_lr, arch_betas, arch_weight_decay: alpha Adam.
     arch_init_scale: alphas start at `arch_init_scale * N(0, 1)`.
     fd_r: finite-difference scale of second order.
-    share_backward: first order only: compile one forward/backward for both
-      phases (`shared_first_order_step`); None: automatic, see
-      `choose_step`.
+    share_backward: compile one forward/backward for all of the step's
+      passes (`shared_first_order_step`, `shared_second_order_step`; not
+      for order 'exact'); None: automatic, see `choose_step`.
     nesterov: Nesterov momentum in the weight SGD (AutoDL-Projects' DARTS on
       NAS-Bench-201); the second-order virtual step stays plain momentum.
     schedule_epochs, schedule_offset: see `optim.search_optimizers`.
@@ -306,10 +396,16 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
       search_step, loss_fn=loss_fn, w_tx=w_tx, a_tx=a_tx, order=order,
       lr_schedule=schedule, momentum=momentum, weight_decay=weight_decay,
       fd_r=fd_r)
-  step = choose_step(
-      share_backward, order, two_phase=two_phase,
-      shared=functools.partial(shared_first_order_step, loss_fn=loss_fn,
-                               w_tx=w_tx, a_tx=a_tx, lr_schedule=schedule))
+  if order == 'second':
+    shared = functools.partial(
+        shared_second_order_step, loss_fn=loss_fn, w_tx=w_tx, a_tx=a_tx,
+        lr_schedule=schedule, momentum=momentum, weight_decay=weight_decay,
+        fd_r=fd_r)
+  else:
+    shared = functools.partial(shared_first_order_step, loss_fn=loss_fn,
+                               w_tx=w_tx, a_tx=a_tx, lr_schedule=schedule)
+  step = choose_step(share_backward, order, two_phase=two_phase,
+                     shared=shared)
   return base.Method(
       init=functools.partial(init, net=net, w_tx=w_tx, a_tx=a_tx,
                              init_scale=arch_init_scale,

@@ -94,7 +94,7 @@ class DartsStepTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, 'one shape'):
       jax.make_jaxpr(shared.step)(self.state, uneven)
     with self.assertRaisesRegex(ValueError, 'share_backward'):
-      darts.make(NET, steps_per_epoch=4, order='second', share_backward=True)
+      darts.make(NET, steps_per_epoch=4, order='exact', share_backward=True)
     with self.assertRaisesRegex(ValueError, 'dense_loop'):
       darts.make(NET.clone(depthwise_impl='dense_loop'), steps_per_epoch=4,
                  order='exact')
@@ -196,6 +196,38 @@ class SecondOrderTest(absltest.TestCase):
     updates, _ = a_tx.update(jax.tree.map(lambda x: x.astype(jnp.float32),
                                           fd), state.a_opt_state, state.arch)
     self.assertGreater(cosine(step_delta, flat(updates)), 0.99)
+
+  def test_shared_second_order_step_equals_two_phase_step(self):
+    # float64: the finite differences divide float rounding by R.
+    net = darts_space.SearchNetwork(
+        C=4, num_classes=10, layers=3, steps=1, multiplier=1,
+        primitives=('none', 'max_pool_3x3', 'skip_connect', 'sep_conv_3x3'))
+    make = functools.partial(darts.make, net, steps_per_epoch=4, epochs=2,
+                             order='second')
+    shared, two_phase = make(share_backward=True), make(share_backward=False)
+    with jax.enable_x64(True):
+      to64 = lambda t: jax.tree.map(
+          lambda x: x.astype(jnp.float64)
+          if jnp.issubdtype(x.dtype, jnp.floating) else x, t)
+      a = b = start = to64(shared.init(jax.random.key(0),
+                                       _batch(0)['image'][:1]))
+      step_a, step_b = jax.jit(two_phase.step), jax.jit(shared.step)
+      for i in range(2):  # the second step has a momentum buffer
+        batch = to64({'train': _batch(2 * i + 3), 'val': _batch(2 * i + 4)})
+        a, metrics_a = step_a(a, batch)
+        b, metrics_b = step_b(b, batch)
+      self.assertTrue(helpers.changed(b.arch, start.arch))
+      for x, y in ((b.arch, a.arch), (b.params, a.params),
+                   (b.batch_stats, a.batch_stats), (b.a_opt_state,
+                                                    a.a_opt_state),
+                   (metrics_b, metrics_a)):
+        chex.assert_trees_all_close(x, y, rtol=1e-9, atol=1e-12)
+      self.assertEqual(int(b.step), 2)
+      if jax.default_backend() == 'cpu':
+        self.assertLen(helpers.conv_layouts(shared.step, b, batch), 1)
+    uneven = {'train': _batch(7), 'val': _batch(7, n=B // 2)}
+    with self.assertRaisesRegex(ValueError, 'one shape'):
+      jax.make_jaxpr(shared.step)(b, uneven)
 
 
 if __name__ == '__main__':
