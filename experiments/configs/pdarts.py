@@ -58,9 +58,10 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.add_layers = (0, 6, 12)        # cells added to `layers` per stage
   c.dropout_rates = (0.1, 0.4, 0.7)  # skip dropout r per stage (README)
   c.warmup_epochs = 10             # eps_no_archs: weights only
-  # Both phases through one compiled forward/backward ('auto': first order
-  # on CPU; see jaxnas.methods.darts.choose_step).
-  c.share_backward = 'on' if variant == 'tiny' else 'auto'
+  # Both phases through one compiled forward/backward: compiles 32% faster,
+  # steps 8% slower on CPU (BENCHMARKS.md), so only for the compile-bound
+  # tiny variant ('auto': on CPU; see jaxnas.methods.darts.choose_step).
+  c.share_backward = 'on' if variant == 'tiny' else 'off'
   c.dropout_decay = 0.2            # scale_factor
   c.max_skips = 2                  # M: skip-connects in the final normal cell
   c.layers = 5

@@ -324,7 +324,7 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 25,
          arch_grad_clip: float = 5.,
          arch_init_scale: float = arch_lib.DARTS_INIT_SCALE,
          switches: Optional[Mapping[str, np.ndarray]] = None,
-         share_backward: Optional[bool] = None,
+         share_backward: Optional[bool] = False,
          derive_fn: Optional[base.DeriveFn] = None) -> base.Method:
   """One P-DARTS stage with the reference's settings (defaults).
 
@@ -342,7 +342,9 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 25,
     switches: the stage's switches, to log mixtures over all ops.
     share_backward: both phases through one compiled forward/backward
       (`search_step`'s `shared`); None: automatic, as DARTS'
-      (`darts.choose_step`).
+      (`darts.choose_step`). Off by default: on CPU at C=8 it compiled 32%
+      faster but stepped 8% slower (BENCHMARKS.md), and a search's steps
+      outweigh its compile.
     derive_fn: softmax weights -> genotype of the stage (for logging; the
       final genotype is `derive_final`'s).
   """
