@@ -175,14 +175,19 @@ class SkipCapTest(absltest.TestCase):
       self.assertEqual(capped[m].normal[:2], [(skip, 0), (skip, 1)])
 
 
+def _pruned_net():
+  """A 3-cell network whose edges keep max pool, skip and sep conv 3x3."""
+  sw = _switches([('max_pool_3x3', 'skip_connect', 'sep_conv_3x3')] * 5)
+  return darts_space.SearchNetwork(
+      C=4, num_classes=10, layers=3, steps=2, multiplier=2,
+      normal_ops=pdarts.edge_ops(sw, PRIMS),
+      reduce_ops=pdarts.edge_ops(sw, PRIMS))
+
+
 class StepTest(absltest.TestCase):
 
   def test_rate_changes_without_retracing_and_warmup_leaves_alphas(self):
-    sw = _switches([('max_pool_3x3', 'skip_connect', 'sep_conv_3x3')] * 5)
-    net = darts_space.SearchNetwork(
-        C=4, num_classes=10, layers=3, steps=2, multiplier=2,
-        normal_ops=pdarts.edge_ops(sw, PRIMS),
-        reduce_ops=pdarts.edge_ops(sw, PRIMS))
+    net = _pruned_net()
     method = pdarts.make(net, steps_per_epoch=1, epochs=4, warmup_epochs=2,
                          initial_dropout=0.4)
     state = method.init(jax.random.key(0), _batch(0)['image'][:1])
@@ -211,11 +216,7 @@ class StepTest(absltest.TestCase):
   def test_shared_backward_step_equals_two_phase_step(self):
     # Through the warm-up (architecture phase skipped) and after it, with
     # skip dropout on: the same updates, masks and metrics.
-    sw = _switches([('max_pool_3x3', 'skip_connect', 'sep_conv_3x3')] * 5)
-    net = darts_space.SearchNetwork(
-        C=4, num_classes=10, layers=3, steps=2, multiplier=2,
-        normal_ops=pdarts.edge_ops(sw, PRIMS),
-        reduce_ops=pdarts.edge_ops(sw, PRIMS))
+    net = _pruned_net()
     make = functools.partial(pdarts.make, net, steps_per_epoch=1, epochs=4,
                              warmup_epochs=2, initial_dropout=0.4)
     shared = make(share_backward=True)
