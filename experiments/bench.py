@@ -75,6 +75,10 @@ _DTYPE = flags.DEFINE_enum(
     'compute_dtype', None, ['float32', 'bfloat16'],
     "Override the config's compute_dtype (DARTS space: the activations' "
     'dtype).')
+_OP_SELECT = flags.DEFINE_enum(
+    'op_select', None, ['auto', 'switch', 'mask'],
+    "NAO: override the config's op_select (how a supernet branch runs its "
+    'chosen op).')
 _POOL = flags.DEFINE_integer(
     'pool', 0, 'NAO: also time scoring this many random architectures with '
     "the supernet, each on its own batch of the config's eval_batch_size "
@@ -219,7 +223,7 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
         parallel_mode: str = 'jit', devices=None, samples=None,
         compile_only: bool = False, pool: int = 0,
         single_path_remat=None, cell_remat=None,
-        compute_dtype=None) -> dict:
+        compute_dtype=None, op_select=None) -> dict:
   """Benchmarks one step of `method_name` at `size`; returns the results.
 
   `pool` (NAO only): also times scoring that many architectures.
@@ -256,6 +260,10 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
       raise ValueError('--compute_dtype applies to the DARTS-space search '
                        'networks, not NAO')
     config.compute_dtype = compute_dtype
+  if op_select is not None:
+    if method_name != 'nao':
+      raise ValueError('--op_select applies to NAO only')
+    config.op_select = op_select
   if batch_size is not None:
     config.batch_size = batch_size
   if share_backward is not None:
@@ -316,6 +324,7 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
       'share_backward': config.get('share_backward'),
       'cell_remat': config.get('cell_remat'),
       'compute_dtype': config.get('compute_dtype'),
+      'op_select': config.get('op_select'),
       'warmup_epochs': config.get('warmup_epochs'),
       'compile_s': round(lower_s + compile_only_s, 2),
       'lower_s': round(lower_s, 2),
@@ -409,7 +418,7 @@ def main(argv):
                _DEPTHWISE.value, _BATCH.value, _SHARE.value,
                _PARALLEL.value, _DEVICES.value, _SAMPLES.value,
                _COMPILE_ONLY.value, _POOL.value, _REMAT.value,
-               _CELL_REMAT.value, _DTYPE.value)
+               _CELL_REMAT.value, _DTYPE.value, _OP_SELECT.value)
   print(json.dumps(result))
 
 

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxnas import ops
+
 ZERO_OPS = ('none',)
 
 Term = Tuple[Sequence[int], jax.Array, jax.Array]
@@ -178,6 +180,7 @@ def switch(module: nn.Module, branches: Sequence[Callable], index: jax.Array,
   zero = lambda m, x: jnp.zeros(out_shape, x.dtype)
   if remat:
     branches = [nn.remat(b) for b in branches]
+  branches = [ops.in_conditional_branch(b) for b in branches]
   return nn.switch(index + 1, [zero, *branches], module, x)
 
 

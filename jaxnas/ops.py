@@ -27,7 +27,7 @@ Synopsis:
 import contextlib
 import contextvars
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -197,6 +197,24 @@ def convolutions_in_loop_body(kernel_grads: Any = True):
     yield
   finally:
     _LOOP_BODY.reset(token)
+
+
+def in_conditional_branch(fn: Callable) -> Callable:
+  """`fn`, a branch of `lax.switch` / `lax.cond`, with `conv2d`'s
+  loop-friendly gradients on CPU.
+
+  XLA:CPU runs the gradient convolutions of a conditional's branch as slowly
+  as those of a loop body (BENCHMARKS.md, "Convolutions in conditional
+  branches"). Inside a `convolutions_in_loop_body` already, the branch keeps
+  its `kernel_grads`; elsewhere the kernel gradients are computed.
+  """
+  @functools.wraps(fn)
+  def branch(*args, **kwargs):
+    kernel_grads = _LOOP_BODY.get()
+    with convolutions_in_loop_body(True if kernel_grads is None
+                                   else kernel_grads):
+      return fn(*args, **kwargs)
+  return branch
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1,

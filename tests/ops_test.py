@@ -1,5 +1,7 @@
 """Shapes of every candidate op, and stacked ops equal to the plain ones."""
 
+import contextlib
+import functools
 import re
 
 from absl.testing import absltest
@@ -204,6 +206,39 @@ class OpsTest(parameterized.TestCase):
 
     self.assertEqual(labels(in_loop), {'b01f_01io->b01f'})
     self.assertGreater(len(labels(ops._lax_conv)), 1)
+
+  def test_conditional_branches_take_the_loop_friendly_gradients(self):
+    # XLA:CPU runs a conditional branch's gradient convolutions as slowly as
+    # a loop body's: `in_conditional_branch` gives them the canonical VJP
+    # (one layout), with JAX's values and gradients; inside a loop body the
+    # branch keeps the body's `kernel_grads`.
+    keys = jax.random.split(jax.random.key(5), 2)
+    x = jax.random.normal(keys[0], (2, 9, 9, 3))
+    kernel = jax.random.normal(keys[1], (3, 3, 3, 5))
+    branches = [lambda x, k: ops.conv2d(x, k, stride=2, padding=1),
+                lambda x, k: ops.conv2d(x, k, stride=2, padding=2,
+                                        dilation=2)]
+
+    def grads(wrap, context=contextlib.nullcontext):
+      def loss(i, x, k):
+        with context():
+          y = jax.lax.switch(i, [wrap(b) for b in branches], x, k)
+        return jnp.sum(jnp.tanh(y) ** 2)
+      return jax.grad(loss, (1, 2))
+
+    plain, wrapped = grads(lambda b: b), grads(ops.in_conditional_branch)
+    for i in (0, 1):
+      for got, want in zip(wrapped(i, x, kernel), plain(i, x, kernel)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+    no_kernel_grads = grads(ops.in_conditional_branch, functools.partial(
+        ops.convolutions_in_loop_body, False))
+    dx, dk = no_kernel_grads(1, x, kernel)
+    np.testing.assert_allclose(dx, plain(1, x, kernel)[0], atol=1e-4,
+                               rtol=1e-5)
+    if jax.default_backend() == 'cpu':
+      np.testing.assert_array_equal(dk, np.zeros_like(kernel))
+      self.assertLen(helpers.conv_layouts(wrapped, 1, x, kernel), 1)
+      self.assertGreater(len(helpers.conv_layouts(plain, 1, x, kernel)), 1)
 
   def test_dense_loop_scans_the_edges(self):
     # 'dense_loop' compiles one convolution per scan body for all edges;

@@ -47,7 +47,7 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   c.drop_path_keep = 0.9          # --child_drop_path_keep_prob
   c.depthwise_impl = 'auto'
   # How a branch runs its op: 'switch' (the chosen op alone), 'mask' (every
-  # op, the chosen one kept), 'auto' (mask on CPU, switch elsewhere); see
+  # op, the chosen one kept), 'auto' (switch, on every backend); see
   # jaxnas.spaces.nao_supernet.Branch.
   c.op_select = 'auto'
   # Supernet training: `phases` phases of `epochs` epochs.

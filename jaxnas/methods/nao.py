@@ -96,17 +96,13 @@ def pool_correct(variables, images: jax.Array, labels: jax.Array,
     archs: [P, 2, nodes, 4] ints.
     indices: [P, n] rows of the split each architecture is scored on.
     net: the supernet (its BN axis is dropped: each architecture's batch
-      is normalised by its own statistics; `op_select='auto'` becomes
-      'switch').
+      is normalised by its own statistics).
     chunk: architectures vmapped together (1: one at a time).
 
   Returns:
     [P] int32 counts (of n each).
   """
-  # Forward only: the chosen op alone is cheapest on every backend (on CPU
-  # 'mask' pays off in the backward pass only: BENCHMARKS.md).
-  op_select = 'switch' if net.op_select == 'auto' else net.op_select
-  net = net.clone(bn_axis_name=None, op_select=op_select)
+  net = net.clone(bn_axis_name=None)
 
   def one(args):
     arch, idx = args

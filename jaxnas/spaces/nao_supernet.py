@@ -111,13 +111,12 @@ OP_SELECT = ('auto', 'switch', 'mask')
 
 
 def resolve_op_select(op_select: str) -> str:
-  """'switch' or 'mask' for `op_select` on the default backend."""
+  """'switch' or 'mask' for `op_select` ('auto' is 'switch' on every
+  backend; see `Branch`)."""
   if op_select not in OP_SELECT:
     raise ValueError(f'op_select must be one of {OP_SELECT}, got '
                      f'{op_select!r}')
-  if op_select == 'auto':
-    return 'mask' if jax.default_backend() == 'cpu' else 'switch'
-  return op_select
+  return 'switch' if op_select == 'auto' else op_select
 
 
 def _is_static(x) -> bool:
@@ -254,11 +253,12 @@ class Branch(nn.Module):
   `op_select` (see `OP_SELECT`): 'switch' runs the chosen op alone
   (`lax.switch`); 'mask' runs every op and keeps the chosen one's output
   (`jnp.where`: the same values, and exactly zero gradients for the others);
-  'auto' is 'mask' on CPU, where the backward pass of XLA's conditionals
-  costs more than running every op (BENCHMARKS.md: the small supernet's
-  step 2.82 s with switches, 1.88 s masked, 0.37 s for the gradient with
-  the architecture compiled in), and 'switch' elsewhere. Scoring
-  (`jaxnas.methods.nao.pool_correct`, forward only) always switches.
+  'auto' is 'switch' on every backend. On CPU the branches' convolutions
+  take `jaxnas.ops.conv2d`'s loop-friendly gradients
+  (`ops.in_conditional_branch`): with JAX's own, XLA:CPU ran the switched
+  step's gradient convolutions slowly and masking was faster; with them the
+  small supernet's step is 0.13 s switched against 0.55 s masked
+  (BENCHMARKS.md, "Convolutions in conditional branches").
 
   `remat` (switch only): the separable convolutions are rematerialised in
   the backward pass. Under `jax.grad` a switch keeps the residuals of every
@@ -335,7 +335,8 @@ class Branch(nn.Module):
         y = b(self, x_in, x_node, j)
         out = y if out is None else jnp.where(index == k, y, out)
       return out
-    return nn.switch(index, branches, self, x_in, x_node, j)
+    return nn.switch(index, [ops.in_conditional_branch(b) for b in branches],
+                     self, x_in, x_node, j)
 
 
 class WSCell(nn.Module):

@@ -12,6 +12,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxnas import optim
 from jaxnas.methods import nao as nao_method
@@ -82,16 +83,53 @@ class SupernetTest(absltest.TestCase):
       outs.append(np.asarray(y))
     self.assertEqual(forward._cache_size(), 1)   # one trace, 3 archs
     self.assertGreater(np.abs(outs[0] - outs[1]).max(), 1e-3)
-    # The CPU default runs every op and keeps the chosen one ('mask'); the
-    # accelerators' default runs it alone ('switch'): the same outputs.
-    self.assertEqual(nao_supernet.resolve_op_select('auto'), 'mask')
-    switch = NET.clone(op_select='switch')
-    f = jax.jit(lambda v, x, a: switch.apply(v, x, a))
+    # The default runs the chosen op alone ('switch'); 'mask' runs every op
+    # and keeps the chosen one: the same outputs.
+    self.assertEqual(nao_supernet.resolve_op_select('auto'), 'switch')
+    mask = NET.clone(op_select='mask')
+    f = jax.jit(lambda v, x, a: mask.apply(v, x, a))
     for arch, y in zip(_archs(3, seed=1), outs):
       np.testing.assert_allclose(
           f(self.variables, self.batch['image'], jnp.asarray(arch, jnp.int32)),
           y, rtol=1e-4, atol=1e-4)
     self.assertEqual(f._cache_size(), 1)
+
+  def test_switch_gradients_equal_the_masked(self):
+    # The switched branches' convolutions take the loop-friendly gradients
+    # on CPU (one layout); their weight gradients equal those of running
+    # every op and keeping the chosen one, for reduction cells' 10-way
+    # switches (2 nodes: node 1 reads inputs at stride 2 or node 0).
+    net = nao_supernet.NASWSNetwork(layers=0, nodes=2, channels=4,
+                                    drop_path_keep=1.0)
+    archs = jnp.asarray(_archs(2, seed=8), jnp.int32)
+    variables = net.init(jax.random.PRNGKey(2), self.batch['image'],
+                         archs[0])
+
+    def grad(op_select, arch):
+      def loss(params):
+        logits, _ = net.clone(op_select=op_select).apply(
+            {**variables, 'params': params}, self.batch['image'], arch,
+            train=True, mutable=['batch_stats'],
+            rngs={'drop_path': jax.random.PRNGKey(0)})
+        return optax.softmax_cross_entropy_with_integer_labels(
+            logits, self.batch['label']).mean()
+      return jax.grad(loss)(variables['params'])
+
+    both = jax.jit(lambda a: (grad('switch', a), grad('mask', a)))
+    for arch in archs:
+      switched, masked = both(arch)
+      self.assertTrue(helpers.changed(masked, jax.tree.map(
+          jnp.zeros_like, masked)))
+      chex.assert_trees_all_close(switched, masked, atol=1e-5, rtol=1e-4)
+    if jax.default_backend() == 'cpu':  # in the switches: one layout
+      jaxpr = jax.make_jaxpr(lambda a: grad('switch', a))(archs[0]).jaxpr
+      in_switches = [q for c in helpers.all_eqns(jaxpr)
+                     if c.primitive.name == 'cond'
+                     for b in c.params['branches']
+                     for q in helpers.all_eqns(b.jaxpr)
+                     if q.primitive.name == 'conv_general_dilated']
+      self.assertGreater(len(in_switches), 0)
+      self.assertLen({q.params['dimension_numbers'] for q in in_switches}, 1)
 
   def test_running_batch_norm(self):
     bn = nao_supernet.RunningBatchNorm()

@@ -92,12 +92,15 @@ class SinglePathNetworkTest(absltest.TestCase):
           net=net, sample_fn=sample_fn)[0]
 
     def cond_activations(jaxpr):
-      """Per `cond`, how many outputs are batch-sized activations."""
+      """Per edge's `cond` (not those inside its branches: the kernel
+      gradient's in `ops.conv2d`'s VJP), how many outputs are batch-sized
+      activations."""
       counts = []
       for eqn in jaxpr.eqns:
         if eqn.primitive.name == 'cond':
           counts.append(sum(v.aval.ndim == 4 and v.aval.shape[0] == B
                             for v in eqn.outvars))
+          continue
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
           counts += cond_activations(sub)
       return counts
