@@ -174,6 +174,9 @@ def switch(module: nn.Module, branches: Sequence[Callable], index: jax.Array,
   the zero branch too: on XLA:CPU a mid-sized ROME step then needs 2.6x the
   temporaries (593 against 230 MB; BENCHMARKS.md, "ROME single-path
   memory").
+
+  On CPU the branches' convolutions take `jaxnas.ops.conv2d`'s
+  loop-friendly gradients (`ops.in_conditional_branch`): reverse mode only.
   """
   if module.is_initializing():  # create every op's variables, no switch
     return sum(b(module, x) for b in branches)
