@@ -88,7 +88,7 @@ class ConfigError(ValueError):
   """A config that cannot run; raised before anything is compiled."""
 
 
-# config.share_backward -> darts.make's share_backward (None: its automatic
+# config.share_backward -> the methods' share_backward (None: their automatic
 # choice). Bools and 'true' / 'false' are configs and command lines written
 # before 'auto' existed (`--config.share_backward=False` arrives as a string).
 _SHARE_BACKWARD = {'auto': None, 'on': True, 'off': False, True: True,
@@ -171,9 +171,6 @@ def validate(config) -> None:
     share = None
   if share and config.get('order', 'first') == 'exact':
     problems.append("share_backward='on' needs order=first or second; set "
-                    "--config.share_backward=auto")
-  if share and method == 'gaea' and config.get('host') == 'gdas':
-    problems.append("share_backward applies to host=darts only; set "
                     "--config.share_backward=auto")
   dt = config.get('compute_dtype', 'float32')
   if dt not in COMPUTE_DTYPES:
@@ -492,7 +489,8 @@ def build(config, num_classes: int, steps_per_epoch: int):
         arch_init_scale=config.arch_init_scale, tau_max=config.tau_max,
         tau_min=config.tau_min, zero_terms=config.zero_terms,
         per_device_samples=config.per_device_samples,
-        weights_first=config.weights_first, derive_fn=derive_fn)
+        weights_first=config.weights_first,
+        share_backward=_share_backward(config), derive_fn=derive_fn)
     return net, method
   method = darts.make(
       net, steps_per_epoch=steps_per_epoch, epochs=config.epochs,

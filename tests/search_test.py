@@ -515,14 +515,18 @@ class GaeaSearchTest(absltest.TestCase):
         self.assertBetween(record[f'entropy_{t}'], 0., np.log(8) + 1e-6)
     _not_blank(self, os.path.join(wd, 'entropy.png'))
 
-  def test_share_backward_config_errors(self):
-    config = gaea_config.get_config('tiny')
-    config.share_backward = 'on'
-    search.validate(config)  # host darts, first order: allowed
-    config.host = 'gdas'
-    with self.assertRaisesRegex(search.ConfigError,
-                                'share_backward applies to host=darts'):
-      search.validate(config)
+  def test_share_backward_on_both_hosts(self):
+    from jaxnas.methods import darts  # pylint: disable=g-import-not-at-top
+    from jaxnas.methods import rome  # pylint: disable=g-import-not-at-top
+    for variant, shared, two_phase in (
+        ('tiny', darts.shared_first_order_step, darts.search_step),
+        ('gdas_nb201_tiny', rome.shared_search_step, rome.search_step)):
+      for value, want in (('on', shared), ('off', two_phase)):
+        config = gaea_config.get_config(variant)
+        config.share_backward = value
+        search.validate(config)
+        _, method = search.build(config, 10, steps_per_epoch=4)
+        self.assertIs(method.step.func, want, (variant, value))
 
 
 class DropNASSearchTest(absltest.TestCase):

@@ -49,6 +49,9 @@ def get_config(variant: str = 'tiny',
   c.zero_terms = False            # GDAS' NB-201 zero-valued op terms
   c.per_device_samples = False    # True: other samples on each device
   c.weights_first = False         # Alg. 1: architecture update first
+  # 'auto': both updates' samples as one loop (one compiled forward and
+  # backward) on CPU; 'on' / 'off' (jaxnas.methods.rome.make).
+  c.share_backward = 'auto'
   c.derive_top_pairs = False      # GDAS' NASNet genotype rule
   if c.space == 'nb201':
     c.topology = 'none'           # NB-201's cell topology is fixed

@@ -141,7 +141,7 @@ def shared_first_order_step(state: base.SearchState, batch, *, loss_fn,
   forward/backward, state unchanged, its loss and accuracy 0), as in
   P-DARTS' warm-up epochs.
   """
-  _require_one_shape(batch, 'first-order')
+  require_one_shape(batch, 'first-order')
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
   def run_phase(state, phase_batch, is_arch):
@@ -206,7 +206,7 @@ def shared_second_order_step(state: base.SearchState, batch, *, loss_fn,
   (`jaxnas.hypergrad.unrolled_fd`), updates and metrics as `search_step`
   with order='second'; both batches must have one shape.
   """
-  _require_one_shape(batch, 'second-order')
+  require_one_shape(batch, 'second-order')
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
   lr = lr_schedule(state.step)
   momentum_buf = optim.momentum_buffer(state.w_opt_state, state.params)
@@ -272,7 +272,7 @@ def _phase_shapes(batch):
   return tuple(jax.tree.map(jnp.shape, batch[k]) for k in ('train', 'val'))
 
 
-def _require_one_shape(batch, order: str):
+def require_one_shape(batch, order: str):
   """Raises unless the training and validation batches have one shape, as
   a shared step needs."""
   train_shapes, val_shapes = _phase_shapes(batch)

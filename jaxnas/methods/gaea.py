@@ -119,8 +119,9 @@ def make(net: nn.Module, *, steps_per_epoch: int, host: str = 'darts',
       `jaxnas.methods.rome.make`).
     learn_edges, edge_lr: 'darts' on the DARTS space only: per-node edge
       probabilities moved by EG at `edge_lr` (GAEA PC-DARTS).
-    share_backward: 'darts' only: see `jaxnas.methods.darts.make` (None: on
-      CPU, both phases as one compiled loop body).
+    share_backward: see `jaxnas.methods.darts.make` and
+      `jaxnas.methods.rome.make` (None: on CPU, both updates through one
+      compiled forward/backward).
     derive_fn: weights -> genotype; default the space's rule on p (for
       NB-201 with `exclude=('none',)` where 'none' is excluded).
 
@@ -154,4 +155,4 @@ def make(net: nn.Module, *, steps_per_epoch: int, host: str = 'darts',
   return rome.make(net, topology='none', num_samples=1, weights_first=False,
                    tau_max=tau_max, tau_min=tau_min,
                    warmup_epochs=warmup_epochs, zero_terms=zero_terms,
-                   a_tx=a_tx, **common)
+                   a_tx=a_tx, share_backward=share_backward, **common)

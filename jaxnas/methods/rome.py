@@ -14,7 +14,9 @@ ROME (Wang, Chu et al., ICCV 2023; ../shared/methods/rome.md) adds:
     (summed, Eq. 12; mean as an option), all on the same two batches.
 
 Only the sampled ops run (`jaxnas.edges.switch`), and the K samples run one
-after another in a `lax.scan`, so memory is one sub-network's, whatever K.
+after another in a loop, so memory is one sub-network's, whatever K
+(`search_step`: one loop per update; `shared_search_step`: both updates'
+samples in one loop, which compiles the network once).
 ROME has no public code; what the paper leaves open is a documented choice
 here (and a `make` argument): the temperature schedule (GDAS': linear
 10 -> 0.1 over the epochs), the straight-through form (GDAS': the chosen op's
@@ -45,6 +47,7 @@ from jaxnas import ops
 from jaxnas import optim
 from jaxnas import parallel
 from jaxnas.methods import base
+from jaxnas.methods import darts
 
 TOPOLOGIES = ('none', 'v1', 'v2')
 REDUCTIONS = ('sum', 'mean')
@@ -112,6 +115,45 @@ def _mean_accuracy(logits, labels):
   return jnp.mean(jnp.argmax(logits, -1) == labels[None])
 
 
+def _sample_keys(state: base.SearchState, arch_samples: int,
+                 weight_samples: int, per_device_samples: bool):
+  """The step's sample keys: {'arch': [K_arch], 'weights': [K_weights]}."""
+  key = jax.random.fold_in(state.key, state.step)
+  if per_device_samples:
+    key = parallel.device_key(key)
+  k_arch, k_weights = jax.random.split(key)
+  return {'arch': jax.random.split(k_arch, arch_samples),
+          'weights': jax.random.split(k_weights, weight_samples)}
+
+
+def _updates(*, w_tx, a_tx, arch_samples: int, weight_samples: int,
+             weight_reduce: str):
+  """The two updates from their phases' summed gradients, each
+  `(state, g_sum) -> (state, grad_norm)` (the architecture's norm is 0)."""
+  if weight_reduce not in REDUCTIONS:
+    raise ValueError(f'weight_reduce must be one of {REDUCTIONS}, got '
+                     f'{weight_reduce!r}')
+
+  def arch(state, g_sum):
+    g = jax.tree.map(lambda x: x / arch_samples, g_sum)
+    return base.apply_arch_grads(state, g, a_tx=a_tx), jnp.zeros(())
+
+  def weights(state, g_sum):
+    if weight_reduce == 'mean':
+      g_sum = jax.tree.map(lambda x: x / weight_samples, g_sum)
+    return base.apply_weight_grads(state, g_sum, w_tx=w_tx)
+
+  return {'arch': arch, 'weights': weights}
+
+
+def _finish(state: base.SearchState, metrics: dict, tau, lr_schedule):
+  """The step's last part: tau and lr metrics, averaged over devices."""
+  metrics['tau'] = tau
+  if lr_schedule is not None:
+    metrics['lr'] = lr_schedule(state.step)
+  return state.replace(step=state.step + 1), parallel.pmean(metrics)
+
+
 def search_step(state: base.SearchState, batch, *, net: nn.Module,
                 sample_fn: SampleFn, w_tx, a_tx, tau_fn: optax.Schedule,
                 lr_schedule: Optional[optax.Schedule] = None,
@@ -143,13 +185,11 @@ def search_step(state: base.SearchState, batch, *, net: nn.Module,
   Returns:
     (state with `step + 1`, metrics averaged over devices).
   """
-  if weight_reduce not in REDUCTIONS:
-    raise ValueError(f'weight_reduce must be one of {REDUCTIONS}, got '
-                     f'{weight_reduce!r}')
-  key = jax.random.fold_in(state.key, state.step)
-  if per_device_samples:
-    key = parallel.device_key(key)
-  k_arch, k_weights = jax.random.split(key)
+  updates = _updates(w_tx=w_tx, a_tx=a_tx, arch_samples=arch_samples,
+                     weight_samples=weight_samples,
+                     weight_reduce=weight_reduce)
+  keys = _sample_keys(state, arch_samples, weight_samples,
+                      per_device_samples)
   tau = tau_fn(state.step)
   loss = functools.partial(_sample_loss, net=net, sample_fn=sample_fn)
   metrics = {}
@@ -159,10 +199,9 @@ def search_step(state: base.SearchState, batch, *, net: nn.Module,
         loss, argnums=1, has_aux=True)(state.params, state.arch, stats,
                                        batch['val'], k, tau)
     g, stats, losses, logits = accumulate(
-        grad_fn, jax.random.split(k_arch, arch_samples), state.batch_stats,
+        grad_fn, keys['arch'], state.batch_stats,
         jax.tree.map(jnp.zeros_like, state.arch), kernel_grads=False)
-    g = jax.tree.map(lambda x: x / arch_samples, g)
-    state = base.apply_arch_grads(state, g, a_tx=a_tx)
+    state, _ = updates['arch'](state, g)
     metrics.update(val_loss=jnp.mean(losses),
                    val_acc=_mean_accuracy(logits, batch['val']['label']))
     return state.replace(batch_stats=base.sync_batch_stats(stats))
@@ -172,11 +211,9 @@ def search_step(state: base.SearchState, batch, *, net: nn.Module,
         loss, argnums=0, has_aux=True)(state.params, state.arch, stats,
                                        batch['train'], k, tau)
     g, stats, losses, logits = accumulate(
-        grad_fn, jax.random.split(k_weights, weight_samples),
-        state.batch_stats, jax.tree.map(jnp.zeros_like, state.params))
-    if weight_reduce == 'mean':
-      g = jax.tree.map(lambda x: x / weight_samples, g)
-    state, grad_norm = base.apply_weight_grads(state, g, w_tx=w_tx)
+        grad_fn, keys['weights'], state.batch_stats,
+        jax.tree.map(jnp.zeros_like, state.params))
+    state, grad_norm = updates['weights'](state, g)
     metrics.update(train_loss=jnp.mean(losses),
                    train_acc=_mean_accuracy(logits, batch['train']['label']),
                    grad_norm=grad_norm)
@@ -185,11 +222,88 @@ def search_step(state: base.SearchState, batch, *, net: nn.Module,
   for update in ((weight_update, arch_update) if weights_first else
                  (arch_update, weight_update)):
     state = update(state)
-  metrics['tau'] = tau
-  if lr_schedule is not None:
-    metrics['lr'] = lr_schedule(state.step)
-  metrics = parallel.pmean(metrics)
-  return state.replace(step=state.step + 1), metrics
+  return _finish(state, metrics, tau, lr_schedule)
+
+
+def shared_search_step(state: base.SearchState, batch, *, net: nn.Module,
+                       sample_fn: SampleFn, w_tx, a_tx,
+                       tau_fn: optax.Schedule,
+                       lr_schedule: Optional[optax.Schedule] = None,
+                       arch_samples: int = 7, weight_samples: int = 7,
+                       weight_reduce: str = 'sum',
+                       per_device_samples: bool = False,
+                       weights_first: bool = False):
+  """`search_step` with one compiled forward/backward pass for both updates.
+
+  The architecture update's K samples and the weight update's run as
+  `arch_samples + weight_samples` iterations of one loop, whose body takes
+  the gradients with respect to weights and architecture, adds its phase's
+  to that phase's sum, and at a phase's last sample applies its update. So
+  XLA compiles the single-path network's forward and backward once instead
+  of twice (`search_step` runs two `accumulate` loops). The architecture's
+  samples skip the convolutions' kernel gradients, as there. The same keys,
+  batches, updates and metrics as `search_step`. The BN running statistics
+  are averaged over devices after every sample instead of after each phase:
+  the same values, as the running average is linear in them. Both batches
+  must have one shape. Arguments: see `search_step`.
+  """
+  updates = _updates(w_tx=w_tx, a_tx=a_tx, arch_samples=arch_samples,
+                     weight_samples=weight_samples,
+                     weight_reduce=weight_reduce)
+  darts.require_one_shape(batch, 'ROME / GDAS')
+  keys = _sample_keys(state, arch_samples, weight_samples,
+                      per_device_samples)
+  tau = tau_fn(state.step)
+  loss = functools.partial(_sample_loss, net=net, sample_fn=sample_fn)
+  grad_fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+
+  # The phases in the order they run (ROME's Alg. 1: the architecture's
+  # first), their samples one after the other.
+  order = ('weights', 'arch') if weights_first else ('arch', 'weights')
+  arch_phase = order.index('arch')
+  counts = [len(keys[p]) for p in order]
+  total = sum(counts)
+  keys = jnp.concatenate([keys[p] for p in order])
+  phase_batches = {'arch': batch['val'], 'weights': batch['train']}
+  stacked = jax.tree.map(lambda *b: jnp.stack(b),
+                         *[phase_batches[p] for p in order])
+
+  def sample(i, carry):
+    state, g_params, g_arch, out, grad_norm = carry
+    phase = (i >= counts[0]).astype(jnp.int32)
+    is_arch = phase == arch_phase
+    phase_batch = jax.tree.map(lambda x: x[phase], stacked)
+    with ops.convolutions_in_loop_body(kernel_grads=~is_arch):
+      (loss_value, (stats, logits)), (gp, ga) = grad_fn(
+          state.params, state.arch, state.batch_stats, phase_batch, keys[i],
+          tau)
+    add = lambda where: (lambda s, g: s + jnp.where(where, g, 0.))
+    g_params = jax.tree.map(add(~is_arch), g_params, gp)
+    g_arch = jax.tree.map(add(is_arch), g_arch, ga)
+    state = state.replace(batch_stats=base.sync_batch_stats(stats))
+    acc = base.accuracy(logits, phase_batch['label'])
+    out = out.at[i].set(jnp.stack([loss_value, acc]))
+    # At a phase's last sample, its update: 0 none, 1 arch, 2 weights.
+    last = (i == counts[0] - 1) | (i == total - 1)
+    which = jnp.where(last, jnp.where(is_arch, 1, 2), 0)
+    state, norm = jax.lax.switch(
+        which, (lambda s: (s, jnp.zeros(())),
+                lambda s: updates['arch'](s, g_arch),
+                lambda s: updates['weights'](s, g_params)), state)
+    return state, g_params, g_arch, out, jnp.where(which == 2, norm,
+                                                   grad_norm)
+
+  zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
+  state, _, _, out, grad_norm = jax.lax.fori_loop(
+      0, total, sample, (state, zeros(state.params), zeros(state.arch),
+                         jnp.zeros((total, 2), jnp.result_type(float)),
+                         jnp.zeros((), jnp.result_type(float))))
+  means = [jnp.mean(out[:counts[0]], 0), jnp.mean(out[counts[0]:], 0)]
+  (val_loss, val_acc), (train_loss, train_acc) = (
+      means[arch_phase], means[1 - arch_phase])
+  return _finish(state, {'val_loss': val_loss, 'val_acc': val_acc,
+                         'train_loss': train_loss, 'train_acc': train_acc,
+                         'grad_norm': grad_norm}, tau, lr_schedule)
 
 
 def init(key: jax.Array, sample_images: jax.Array, *, net: nn.Module, w_tx,
@@ -248,6 +362,7 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
          schedule_epochs: Optional[int] = None, schedule_offset: int = 1,
          arch_param: arch_lib.Parametrisation = arch_lib.LOGITS,
          a_tx: Optional[optax.GradientTransformation] = None,
+         share_backward: Optional[bool] = None,
          derive_fn: Optional[base.DeriveFn] = None) -> base.Method:
   """ROME (defaults: the paper's CIFAR search) or, with topology='none' and
   num_samples=1, GDAS.
@@ -278,6 +393,10 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
     arch_param: how the op variables become probabilities (logits, or
       GAEA's simplex points, sampled from their log).
     a_tx: the architecture optimizer instead of Adam.
+    share_backward: True: `shared_search_step` (both updates' samples in
+      one loop: one compiled forward/backward); False: `search_step`; None:
+      as `jaxnas.methods.darts.choose_step` decides (the shared step on CPU
+      when both batches have one shape).
     derive_fn: weights (and `edge_scores=`) -> genotype; default the space's
       rule (`base.space_derive`).
 
@@ -318,19 +437,22 @@ def make(net: nn.Module, *, steps_per_epoch: int, epochs: int = 50,
 
   mode_fn = functools.partial(arch_lib.mode_single_path, steps=steps,
                               topology=topology)
+  step_args = dict(
+      net=net, sample_fn=sample_fn, w_tx=w_tx, a_tx=a_tx,
+      tau_fn=linear_tau(tau_max, tau_min, epochs, steps_per_epoch,
+                        warmup_epochs),
+      lr_schedule=schedule, arch_samples=num_samples,
+      weight_samples=weight_samples or num_samples,
+      weight_reduce=weight_reduce, per_device_samples=per_device_samples,
+      weights_first=weights_first)
   return base.Method(
       init=functools.partial(init, net=net, w_tx=w_tx, a_tx=a_tx,
                              topology=topology, init_scale=arch_init_scale,
                              arch_param=arch_param),
-      step=functools.partial(
-          search_step, net=net, sample_fn=sample_fn, w_tx=w_tx, a_tx=a_tx,
-          tau_fn=linear_tau(tau_max, tau_min, epochs, steps_per_epoch,
-                            warmup_epochs),
-          lr_schedule=schedule, arch_samples=num_samples,
-          weight_samples=weight_samples or num_samples,
-          weight_reduce=weight_reduce,
-          per_device_samples=per_device_samples,
-          weights_first=weights_first),
+      step=darts.choose_step(
+          share_backward, 'first',
+          shared=functools.partial(shared_search_step, **step_args),
+          two_phase=functools.partial(search_step, **step_args)),
       eval_step=functools.partial(base.eval_step, net=net,
                                   weights_fn=mode_fn),
       derive=functools.partial(

@@ -217,6 +217,40 @@ class RomeStepTest(absltest.TestCase):
     np.testing.assert_allclose(np.asarray(m8['train_loss'])[0],
                                float(m1['train_loss']), rtol=1e-5)
 
+  def test_shared_step_equals_search_step(self):
+    # float64, two steps, both orders, K_arch != K_weights: one loop of
+    # K_arch + K_weights samples gives search_step's two accumulations.
+    net = self.net.clone(bn_axis_name=None)
+    with jax.enable_x64(True):
+      to64 = lambda t: jax.tree.map(
+          lambda x: x.astype(jnp.float64)
+          if jnp.issubdtype(x.dtype, jnp.floating) else x, t)
+      for weights_first, reduce in ((False, 'sum'), (True, 'mean')):
+        make = functools.partial(
+            rome.make, net, steps_per_epoch=4, epochs=2, num_samples=2,
+            weight_samples=3, weight_reduce=reduce,
+            weights_first=weights_first)
+        shared, two_phase = make(share_backward=True), make(
+            share_backward=False)
+        a = b = start = to64(self.state)
+        step_a, step_b = jax.jit(two_phase.step), jax.jit(shared.step)
+        for i in range(2):  # the second step has momentum and Adam moments
+          batch = to64({'train': _batch(2 * i + 3), 'val': _batch(2 * i + 4)})
+          a, metrics_a = step_a(a, batch)
+          b, metrics_b = step_b(b, batch)
+        self.assertTrue(helpers.changed(b.arch, start.arch))
+        self.assertTrue(helpers.changed(b.params, start.params))
+        for x, y in ((b.arch, a.arch), (b.params, a.params),
+                     (b.batch_stats, a.batch_stats),
+                     (b.a_opt_state, a.a_opt_state),
+                     (b.w_opt_state, a.w_opt_state)):
+          chex.assert_trees_all_close(x, y, rtol=1e-9, atol=1e-12)
+        # search_step averages accuracies in float32.
+        chex.assert_trees_all_close(metrics_b, metrics_a, rtol=1e-6)
+    uneven = {'train': _batch(7), 'val': _batch(7, n=B // 2)}
+    with self.assertRaisesRegex(ValueError, 'one shape'):
+      jax.make_jaxpr(shared.step)(self.state, uneven)
+
   def test_derive_uses_topology(self):
     state = self.state.replace(arch={
         'ops': {t: jnp.zeros((5, 3)).at[:, 2].set(1.)
@@ -237,7 +271,8 @@ class AccumulateTest(absltest.TestCase):
     # architecture's without; unrolled, JAX's own rules.
     net = NET.clone(primitives=('max_pool_3x3', 'skip_connect',
                                 'sep_conv_3x3'))
-    method = rome.make(net, steps_per_epoch=4, epochs=2, num_samples=2)
+    method = rome.make(net, steps_per_epoch=4, epochs=2, num_samples=2,
+                       share_backward=False)
     state = method.init(jax.random.key(0), _batch(0)['image'][:1])
     loss = functools.partial(rome._sample_loss, net=net,
                              sample_fn=method.step.keywords['sample_fn'])
