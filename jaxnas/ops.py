@@ -199,20 +199,23 @@ def convolutions_in_loop_body(kernel_grads: Any = True):
     _LOOP_BODY.reset(token)
 
 
-def in_conditional_branch(fn: Callable) -> Callable:
+def in_conditional_branch(fn: Callable, kernel_grads: bool = True
+                          ) -> Callable:
   """`fn`, a branch of `lax.switch` / `lax.cond`, with `conv2d`'s
   loop-friendly gradients on CPU.
 
   XLA:CPU runs the gradient convolutions of a conditional's branch as slowly
   as those of a loop body (BENCHMARKS.md, "Convolutions in conditional
-  branches"). Inside a `convolutions_in_loop_body` already, the branch keeps
-  its `kernel_grads`; elsewhere the kernel gradients are computed.
+  branches"). `kernel_grads=False`: the branch discards the convolutions'
+  kernel gradients, which are then not computed. Otherwise, inside a
+  `convolutions_in_loop_body` already, the branch keeps its `kernel_grads`;
+  elsewhere the kernel gradients are computed.
   """
   @functools.wraps(fn)
   def branch(*args, **kwargs):
-    kernel_grads = _LOOP_BODY.get()
-    with convolutions_in_loop_body(True if kernel_grads is None
-                                   else kernel_grads):
+    outer = _LOOP_BODY.get()
+    inner = outer if kernel_grads and outer is not None else kernel_grads
+    with convolutions_in_loop_body(inner):
       return fn(*args, **kwargs)
   return branch
 

@@ -230,13 +230,17 @@ class OpsTest(parameterized.TestCase):
     for i in (0, 1):
       for got, want in zip(wrapped(i, x, kernel), plain(i, x, kernel)):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
-    no_kernel_grads = grads(ops.in_conditional_branch, functools.partial(
-        ops.convolutions_in_loop_body, False))
-    dx, dk = no_kernel_grads(1, x, kernel)
-    np.testing.assert_allclose(dx, plain(1, x, kernel)[0], atol=1e-4,
-                               rtol=1e-5)
-    if jax.default_backend() == 'cpu':
-      np.testing.assert_array_equal(dk, np.zeros_like(kernel))
+    # No kernel gradients: from the loop body around, or the branch's own.
+    for no_kernel_grads in (
+        grads(ops.in_conditional_branch, functools.partial(
+            ops.convolutions_in_loop_body, False)),
+        grads(functools.partial(ops.in_conditional_branch,
+                                kernel_grads=False))):
+      dx, dk = no_kernel_grads(1, x, kernel)
+      np.testing.assert_allclose(dx, plain(1, x, kernel)[0], atol=1e-4,
+                                 rtol=1e-5)
+      if jax.default_backend() == 'cpu':
+        np.testing.assert_array_equal(dk, np.zeros_like(kernel))
       self.assertLen(helpers.conv_layouts(wrapped, 1, x, kernel), 1)
       self.assertGreater(len(helpers.conv_layouts(plain, 1, x, kernel)), 1)
 

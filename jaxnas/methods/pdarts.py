@@ -294,12 +294,13 @@ def search_step(state: base.SearchState, batch, *, loss_fn, w_tx, a_tx,
         arch_active=epoch >= warmup_epochs)
     return state, {**metrics, 'skip_dropout': rate}
 
+  # A conditional's branch: on XLA:CPU JAX's gradient convolutions run
+  # there as slowly as in a loop body (the step took 3.2x as long). The
+  # architecture step discards the kernel gradients.
+  @functools.partial(ops.in_conditional_branch, kernel_grads=False)
   def arch_update(state):
-    # A conditional's branch: on XLA:CPU JAX's gradient convolutions run
-    # there as slowly as in a loop body (the step took 3.2x as long).
-    with ops.convolutions_in_loop_body(kernel_grads=False):
-      return darts.arch_step(state, None, with_dropout(batch['val'], k_arch),
-                             loss_fn=loss_fn, a_tx=a_tx, order='first')
+    return darts.arch_step(state, None, with_dropout(batch['val'], k_arch),
+                           loss_fn=loss_fn, a_tx=a_tx, order='first')
 
   def warmup(state):
     return state, {'val_loss': jnp.zeros(()), 'val_acc': jnp.zeros(())}
