@@ -27,7 +27,7 @@ Synopsis:
 import contextlib
 import contextvars
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -305,7 +305,8 @@ def depthwise(x: jax.Array, kernel: jax.Array, *, stride: int, padding: int,
 
 def depthwise_pointwise(x: jax.Array, depthwise_kernel: jax.Array,
                         pointwise_kernel: jax.Array, *, stride: int,
-                        padding: int, dilation: int, impl: str) -> jax.Array:
+                        padding: int, dilation: int, impl: str,
+                        sources: Optional[Sequence[int]] = None) -> jax.Array:
   """Per-edge depthwise conv, then a 1x1 conv: `DilConv` without ReLU and BN.
 
   x [E, B, H, W, C], depthwise_kernel [E, k, k, 1, C], pointwise_kernel
@@ -317,17 +318,67 @@ def depthwise_pointwise(x: jax.Array, depthwise_kernel: jax.Array,
   follow from K's by the chain rule. Other impls run `depthwise`, then the
   pointwise contraction. The product is formed at the kernels' precision and
   then cast to x's dtype.
+
+  `sources`: x is [S, B, H, W, C] and edge e reads x[sources[e]] (the edges
+  of a search cell leaving the same node). With 'dense', the edges that read
+  one source run as one convolution whose output channels are theirs side by
+  side ([k, k, C, n * F]): the same FLOPs in wider, faster convolutions, fewer
+  of them to compile, and the input kept once for the backward pass
+  (`source_conv`). Other impls index x by `sources` first.
   """
   impl = resolve_depthwise_impl(impl)
   if impl in _DENSE_IMPLS:
     kernel = (depthwise_kernel[:, :, :, 0, :, None] *
               pointwise_kernel[:, None, None]).astype(x.dtype)
-    return _per_edge_conv(x, jnp.unstack(kernel), stride=stride,
-                          padding=padding, dilation=dilation,
+    if sources is not None and impl == 'dense':
+      return source_conv(x, kernel, sources, stride=stride, padding=padding,
+                         dilation=dilation)
+    return _per_edge_conv(_gather(x, sources), jnp.unstack(kernel),
+                          stride=stride, padding=padding, dilation=dilation,
                           loop=impl == 'dense_loop')
-  y = depthwise(x, depthwise_kernel.astype(x.dtype), stride=stride,
-                padding=padding, dilation=dilation, impl=impl)
+  y = depthwise(_gather(x, sources), depthwise_kernel.astype(x.dtype),
+                stride=stride, padding=padding, dilation=dilation, impl=impl)
   return jnp.einsum('ebhwc,ecf->ebhwf', y, pointwise_kernel.astype(x.dtype))
+
+
+def _gather(x: jax.Array, sources: Optional[Sequence[int]]) -> jax.Array:
+  return x if sources is None else x[np.asarray(sources)]
+
+
+def by_source(sources: Sequence[int]) -> Tuple[Tuple[int, List[int]], ...]:
+  """(source, [edges reading it]) for each source, in first-seen order."""
+  groups: Dict[int, List[int]] = {}
+  for e, s in enumerate(sources):
+    groups.setdefault(int(s), []).append(e)
+  return tuple(groups.items())
+
+
+def from_sources(parts: Sequence[jax.Array],
+                 sources: Sequence[int]) -> jax.Array:
+  """Per-source outputs [n_s, ...] (in `by_source` order) -> [E, ...] in edge
+  order."""
+  order = [e for _, es in by_source(sources) for e in es]
+  y = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+  if order == sorted(order):
+    return y
+  return y[np.argsort(order)]
+
+
+def source_conv(x: jax.Array, kernel: jax.Array, sources: Sequence[int], *,
+                stride: int, padding: int, dilation: int) -> jax.Array:
+  """x [S, B, H, W, C], per-edge kernels [E, k, k, C, F] -> [E, B, H', W', F]
+  with edge e convolving x[sources[e]]: one convolution per source, with the
+  kernels of that source's n edges side by side as n * F output channels.
+  Its input gradient sums the n edges' inside the convolution."""
+  xs = jnp.unstack(x)
+  parts = []
+  for s, es in by_source(sources):
+    k = kernel[np.asarray(es)]  # [n, k, k, C, F] -> [k, k, C, n * F]
+    k = jnp.moveaxis(k, 0, 3).reshape(k.shape[1:4] + (-1,))
+    y = conv2d(xs[s], k, stride=stride, padding=padding, dilation=dilation)
+    y = y.reshape(y.shape[:3] + (len(es), kernel.shape[-1]))
+    parts.append(jnp.moveaxis(y, 3, 0))
+  return from_sources(parts, sources)
 
 
 def batch_norm(train: bool, affine: bool, axis_name: Optional[str] = None,

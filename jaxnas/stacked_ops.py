@@ -8,16 +8,22 @@ outgoing edges: inputs are [E, B, H, W, C] and every parameter has a leading
 edge axis E. Edge e of a stacked op computes exactly what `jaxnas.ops` computes
 with that edge's slice of the parameters (tests check this).
 
+Called with `sources`, an op takes the cell's states [S, B, H, W, C] instead
+and edge e reads state `sources[e]`: the first linear map of every edge that
+reads one state then runs as one convolution or contraction over that state
+(`jaxnas.ops.source_conv`), instead of one per edge on copies of it.
+
 Depthwise convolutions and the 1x1 convolutions after them run through
 `jaxnas.ops.depthwise_pointwise`, whose formulations
 (`jaxnas.ops.DEPTHWISE_IMPLS`) trade compile time against run time.
 """
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxnas import ops
 
@@ -48,14 +54,22 @@ class StackedConv1x1(nn.Module):
   kernel_only: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array,
+               sources: Optional[Sequence[int]] = None) -> jax.Array:
     kernel = self.param('kernel', stacked_kernel_init,
-                        (x.shape[0], 1, 1, x.shape[-1], self.features))
+                        (_num_edges(x, sources), 1, 1, x.shape[-1],
+                         self.features))
     if self.kernel_only:
       return kernel[:, 0, 0]
     if self.stride > 1 or self.offset:
       x = x[:, :, self.offset::self.stride, self.offset::self.stride, :]
-    return jnp.einsum('ebhwc,ecf->ebhwf', x, kernel[:, 0, 0].astype(x.dtype))
+    kernel = kernel[:, 0, 0].astype(x.dtype)
+    if sources is None:
+      return jnp.einsum('ebhwc,ecf->ebhwf', x, kernel)
+    xs = jnp.unstack(x)
+    return ops.from_sources(
+        [jnp.einsum('bhwc,ecf->ebhwf', xs[s], kernel[np.asarray(es)])
+         for s, es in ops.by_source(sources)], sources)
 
 
 class StackedDilConv(nn.Module):
@@ -69,16 +83,17 @@ class StackedDilConv(nn.Module):
   bn_axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool,
+               sources: Optional[Sequence[int]] = None) -> jax.Array:
     k, c = self.kernel_size, x.shape[-1]
     kernel = self.param('depthwise_kernel', stacked_kernel_init,
-                        (x.shape[0], k, k, 1, c))
+                        (_num_edges(x, sources), k, k, 1, c))
     pointwise = StackedConv1x1(self.features, kernel_only=True,
-                               name='pointwise')(x)
+                               name='pointwise')(x, sources)
     x = ops.depthwise_pointwise(nn.relu(x), kernel, pointwise,
                                 stride=self.stride, padding=self.padding,
                                 dilation=self.dilation,
-                                impl=self.depthwise_impl)
+                                impl=self.depthwise_impl, sources=sources)
     return stacked_batch_norm(train, self.bn_axis_name, name='bn')(x)
 
 
@@ -92,11 +107,13 @@ class StackedSepConv(nn.Module):
   bn_axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool,
+               sources: Optional[Sequence[int]] = None) -> jax.Array:
     kw = dict(depthwise_impl=self.depthwise_impl,
               bn_axis_name=self.bn_axis_name)
     x = StackedDilConv(x.shape[-1], self.kernel_size, self.stride,
-                       self.padding, 1, name='block0', **kw)(x, train)
+                       self.padding, 1, name='block0', **kw)(x, train,
+                                                              sources)
     return StackedDilConv(self.features, self.kernel_size, 1, self.padding, 1,
                           name='block1', **kw)(x, train)
 
@@ -107,16 +124,26 @@ class StackedFactorizedReduce(nn.Module):
   bn_axis_name: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool,
+               sources: Optional[Sequence[int]] = None) -> jax.Array:
     if self.features % 2 or x.shape[2] % 2 or x.shape[3] % 2:
       raise ValueError('FactorizedReduce needs even channels and spatial '
                        f'sizes, got {self.features} and {x.shape[2:4]}')
     x = nn.relu(x)
-    a = StackedConv1x1(self.features // 2, stride=2, name='conv0')(x)
+    a = StackedConv1x1(self.features // 2, stride=2, name='conv0')(x, sources)
     b = StackedConv1x1(self.features // 2, stride=2, offset=1,
-                       name='conv1')(x)
+                       name='conv1')(x, sources)
     return stacked_batch_norm(train, self.bn_axis_name, name='bn')(
         jnp.concatenate([a, b], axis=-1))
+
+
+def _num_edges(x: jax.Array, sources: Optional[Sequence[int]]) -> int:
+  if sources is None:
+    return x.shape[0]
+  if not sources or max(sources) >= x.shape[0] or min(sources) < 0:
+    raise ValueError(f'sources {tuple(sources)} do not index the '
+                     f'{x.shape[0]} inputs')
+  return len(sources)
 
 
 def make_stacked_op(name: str, channels: int, stride: int, *,

@@ -339,6 +339,63 @@ class StackedOpsTest(parameterized.TestCase):
           x[i], True, mutable=['batch_stats'])
       np.testing.assert_allclose(y[i], want, atol=2e-5, rtol=1e-4)
 
+  @parameterized.product(
+      name=('sep_conv_3x3', 'dil_conv_5x5', 'skip_connect'), stride=(1, 2),
+      impl=('grouped', 'dense', 'dense_loop'))
+  def test_reading_sources_equals_stacked_copies(self, name, stride, impl):
+    # Edges reading a search cell's states by index (`sources`) against the
+    # same op on the states copied per edge: values, BN statistics and the
+    # gradients of the states and of every parameter. 'dense' runs one
+    # convolution per source, the others index the states first; the
+    # edges' out-of-order sources check the reordering.
+    if name == 'skip_connect' and stride == 1:
+      return
+    sources = (1, 0, 1, 1, 2)
+    keys = jax.random.split(jax.random.key(4), 2)
+    states = jax.random.normal(keys[0], (3, B, H, H, C))
+    probe = jax.random.normal(
+        keys[1], (len(sources), B, H // stride, H // stride, C))
+    op = stacked_ops.make_stacked_op(name, C, stride, depthwise_impl=impl)
+    copies = states[np.array(sources)]
+    variables = op.init(jax.random.key(0), copies, False)
+    self.assertEqual(
+        jax.tree.map(jnp.shape, op.init(jax.random.key(0), states, False,
+                                        sources)),
+        jax.tree.map(jnp.shape, variables))
+
+    def loss(states, params, by_index):
+      args = (states, True, sources) if by_index else (
+          states[np.array(sources)], True)
+      y, new = op.apply({'params': params,
+                         'batch_stats': variables['batch_stats']}, *args,
+                        mutable=['batch_stats'])
+      chex.assert_shape(y, probe.shape)
+      return jnp.sum(jnp.tanh(y) * probe), new
+
+    grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    want, want_stats = grad(states, variables['params'], False)
+    got, got_stats = grad(states, variables['params'], True)
+    chex.assert_trees_all_close(got_stats, want_stats, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-4)
+    self.assertGreater(float(jnp.abs(got[0]).max()), 0.)
+    with self.assertRaisesRegex(ValueError, 'do not index'):
+      op.init(jax.random.key(0), states, False, (0, 3))
+
+  def test_dense_reading_sources_runs_one_conv_per_source(self):
+    # sep_conv's first block: one [k, k, C, n * C] convolution per source
+    # (n edges read it); its second block reads per-edge inputs, one each.
+    states = jnp.ones((2, B, H, H, C))
+    op = stacked_ops.make_stacked_op('sep_conv_3x3', C, 1,
+                                     depthwise_impl='dense')
+    sources = (0, 1, 0, 1, 0)
+    variables = op.init(jax.random.key(0), states, False, sources)
+    jaxpr = jax.make_jaxpr(lambda s: op.apply(
+        variables, s, True, sources, mutable=['batch_stats']))(states)
+    kernels = [q.invars[1].aval.shape for q in helpers.all_eqns(jaxpr.jaxpr)
+               if q.primitive.name == 'conv_general_dilated']
+    self.assertEqual(kernels, [(3, 3, C, 3 * C), (3, 3, C, 2 * C)] +
+                     [(3, 3, C, C)] * 5)
+
   def test_stacked_init_matches_torch_bounds(self):
     x = jnp.ones((4, B, H, H, C))
     variables = stacked_ops.make_stacked_op('dil_conv_5x5', C, 1).init(

@@ -82,7 +82,9 @@ class SourceGroup(nn.Module):
   """All edges leaving `sources`, each op computed once for all of them.
 
   Parametric ops run stacked over the edges that offer them (one compiled op
-  per source group instead of one per edge); parameter-free ops (pools with
+  per source group instead of one per edge), their first convolution once
+  per source for all of that source's edges (`jaxnas.stacked_ops`);
+  parameter-free ops (pools with
   their non-affine BN, identity) give identical outputs on every edge leaving
   the same source, so they are computed once per source and shared. The
   result is each edge's mixture `sum_o w[e, o] * op_o(x)`, exactly as the
@@ -126,11 +128,11 @@ class SourceGroup(nn.Module):
                   np.array([self.edge_ops[edge_ids[m]].index(name)
                             for m in rows])]
       if stacked_ops.is_parametric(name, self.stride):
-        x = sources[src_pos[np.array(rows)]]
         y = stacked_ops.make_stacked_op(
             name, self.channels, self.stride,
             depthwise_impl=self.depthwise_impl,
-            bn_axis_name=self.bn_axis_name)(x, train)
+            bn_axis_name=self.bn_axis_name)(
+                sources, train, tuple(int(src_pos[m]) for m in rows))
       else:
         used = sorted({int(src_pos[m]) for m in rows})
         y = self._shared(name, sources[np.array(used)], train)
