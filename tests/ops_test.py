@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import logging
 import re
 
 from absl.testing import absltest
@@ -309,6 +310,41 @@ def _stacked_to_plain(stacked, e):
     return dil(stacked)
   return {'Conv_0': conv(stacked['conv0']['kernel']),
           'Conv_1': conv(stacked['conv1']['kernel'])}
+
+
+class LazyInitTest(absltest.TestCase):
+
+  def test_jitted_equals_eager_and_runs_initialisers_only(self):
+    # A one-cell search network: the same variables jitted and eager. The
+    # jitted program keeps only the initialisers (no convolution survives
+    # to XLA), and it is compiled once: eager, each op is its own compile.
+    from jaxnas.spaces import darts  # pylint: disable=g-import-not-at-top
+    net = darts.SearchNetwork(C=4, num_classes=5, layers=1, steps=2,
+                              multiplier=2, depthwise_impl='dense')
+    x = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+    w = {t: jnp.full(s, 1. / s[1]) for t, s in net.arch_shapes().items()}
+    key = jax.random.key(3)
+    compiles = []
+
+    def init(jit):
+      with jax.log_compiles(True), self.assertLogs(level='WARNING') as logs:
+        variables = ops.lazy_init(net, key, x, w, train=False, jit=jit)
+        jax.block_until_ready(variables)
+        logging.warning('done')  # at least one record
+      compiles.append(sum('Finished XLA compilation' in r
+                          for r in logs.output))
+      return variables
+
+    jax.clear_caches()
+    jitted, eager = init(True), init(False)
+    chex.assert_trees_all_equal(jitted, eager)
+    kernels = [v for p, v in jax.tree_util.tree_leaves_with_path(jitted)
+               if 'kernel' in jax.tree_util.keystr(p)]
+    self.assertGreater(len(kernels), 10)
+    for k in kernels:
+      self.assertGreater(float(jnp.std(k)), 0.)
+    self.assertLessEqual(compiles[0], 3)
+    self.assertGreater(compiles[1], 20)
 
 
 class StackedOpsTest(parameterized.TestCase):

@@ -457,5 +457,5 @@ def init(net: NASWSNetwork, key: jax.Array, image_shape: Sequence[int]):
   (`jaxnas.ops.lazy_init`)."""
   images = jax.ShapeDtypeStruct(tuple(image_shape), jnp.float32)
   arch = jax.ShapeDtypeStruct((2, net.nodes, 4), jnp.int32)
-  variables = ops.lazy_init(net, key, images, arch, train=False)
+  variables = ops.lazy_init(net, key, images, arch, train=False, jit=False)
   return variables['params'], variables['batch_stats']
