@@ -809,9 +809,10 @@ def lazy_init(module: nn.Module, key: jax.Array, *args,
   eagerly, flax also computes every value that depends on the parameters
   alone (the search cells' product kernels, their slices and transposes),
   and XLA compiles each of those ops and each initialiser once per shape:
-  606 small compiles for the DARTS `small` supernet, 23.8 s, against 18.0 s
-  jitted, where XLA drops the unused values (8.2 against 3.5 s for the
-  tests' one-cell network; same values, BENCHMARKS.md). `jit=False` suits
+  606 small compiles for the DARTS `small` supernet. Jitted, XLA drops the
+  unused values: the `small` DARTS method's init took 20.2 s against 23.8 s,
+  a one-cell C=4 network's 4.1 against 8.2 s, with the same values
+  (BENCHMARKS.md). `jit=False` suits
   initialisers that draw on the host when their key is concrete
   (`jaxnas.spaces.nao_supernet`).
   """

@@ -83,10 +83,10 @@ class SourceGroup(nn.Module):
 
   Parametric ops run stacked over the edges that offer them (one compiled op
   per source group instead of one per edge), their first convolution once
-  per source for all of that source's edges (`jaxnas.stacked_ops`);
-  parameter-free ops (pools with
-  their non-affine BN, identity) give identical outputs on every edge leaving
-  the same source, so they are computed once per source and shared. The
+  per source for all of that source's edges (`jaxnas.stacked_ops`).
+  Parameter-free ops (pools with their non-affine BN, identity) give
+  identical outputs on every edge leaving the same source, so they are
+  computed once per source and shared. The
   result is each edge's mixture `sum_o w[e, o] * op_o(x)`, exactly as the
   reference's per-edge MixedOp computes it.
 
