@@ -793,9 +793,10 @@ def search(config, workdir: str):
   pending, start = ckpts.pending, ckpts.start
   if start is None:
     state = seeds.init(sample)
-    # Initialisation runs its initialisers op by op; the hundreds of small
-    # executables that leaves cached hold ~0.6 GB for the run's lifetime
-    # (DARTS `small`, BENCHMARKS.md). Nothing else is compiled yet.
+    # Initialisation leaves executables cached (the jitted initialisers,
+    # and op by op the rest of a method's init: NAO's draws, optimiser
+    # states) that would stay for the run's lifetime; op by op they held
+    # ~0.6 GB at DARTS `small` (BENCHMARKS.md). Nothing else is compiled yet.
     jax.block_until_ready(state)
     jax.clear_caches()
     state = par.put_state(state)

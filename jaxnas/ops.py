@@ -27,7 +27,7 @@ Synopsis:
 import contextlib
 import contextvars
 import functools
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -345,23 +345,22 @@ def _gather(x: jax.Array, sources: Optional[Sequence[int]]) -> jax.Array:
   return x if sources is None else x[np.asarray(sources)]
 
 
-def by_source(sources: Sequence[int]) -> Tuple[Tuple[int, List[int]], ...]:
-  """(source, [edges reading it]) for each source, in first-seen order."""
-  groups: Dict[int, List[int]] = {}
+def per_source(x: jax.Array, params: jax.Array, sources: Sequence[int],
+               fn: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+  """Edge e's linear map of state x[sources[e]], once per state.
+
+  x [S, ...] states, params [E, ...] per edge. `fn(state, params[edges])`
+  maps one state with the parameters of the n edges reading it (in edge
+  order) to [n, ...]. Returns [E, ...] in edge order.
+  """
+  edges: Dict[int, List[int]] = {}  # state -> edges reading it
   for e, s in enumerate(sources):
-    groups.setdefault(int(s), []).append(e)
-  return tuple(groups.items())
-
-
-def from_sources(parts: Sequence[jax.Array],
-                 sources: Sequence[int]) -> jax.Array:
-  """Per-source outputs [n_s, ...] (in `by_source` order) -> [E, ...] in edge
-  order."""
-  order = [e for _, es in by_source(sources) for e in es]
+    edges.setdefault(int(s), []).append(e)
+  xs = jnp.unstack(x)
+  parts = [fn(xs[s], params[np.asarray(es)]) for s, es in edges.items()]
   y = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-  if order == sorted(order):
-    return y
-  return y[np.argsort(order)]
+  order = [e for es in edges.values() for e in es]
+  return y if order == sorted(order) else y[np.argsort(order)]
 
 
 def source_conv(x: jax.Array, kernel: jax.Array, sources: Sequence[int], *,
@@ -370,15 +369,14 @@ def source_conv(x: jax.Array, kernel: jax.Array, sources: Sequence[int], *,
   with edge e convolving x[sources[e]]: one convolution per source, with the
   kernels of that source's n edges side by side as n * F output channels.
   Its input gradient sums the n edges' inside the convolution."""
-  xs = jnp.unstack(x)
-  parts = []
-  for s, es in by_source(sources):
-    k = kernel[np.asarray(es)]  # [n, k, k, C, F] -> [k, k, C, n * F]
-    k = jnp.moveaxis(k, 0, 3).reshape(k.shape[1:4] + (-1,))
-    y = conv2d(xs[s], k, stride=stride, padding=padding, dilation=dilation)
-    y = y.reshape(y.shape[:3] + (len(es), kernel.shape[-1]))
-    parts.append(jnp.moveaxis(y, 3, 0))
-  return from_sources(parts, sources)
+
+  def conv(state, k):  # k [n, k, k, C, F] -> [k, k, C, n * F]
+    n, f = k.shape[0], k.shape[-1]
+    k = jnp.moveaxis(k, 0, 3).reshape(k.shape[1:4] + (n * f,))
+    y = conv2d(state, k, stride=stride, padding=padding, dilation=dilation)
+    return jnp.moveaxis(y.reshape(y.shape[:3] + (n, f)), 3, 0)
+
+  return per_source(x, kernel, sources, conv)
 
 
 def batch_norm(train: bool, affine: bool, axis_name: Optional[str] = None,

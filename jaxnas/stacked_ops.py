@@ -11,7 +11,7 @@ with that edge's slice of the parameters (tests check this).
 Called with `sources`, an op takes the cell's states [S, B, H, W, C] instead
 and edge e reads state `sources[e]`: the first linear map of every edge that
 reads one state then runs as one convolution or contraction over that state
-(`jaxnas.ops.source_conv`), instead of one per edge on copies of it.
+(`jaxnas.ops.per_source`), instead of one per edge on copies of it.
 
 Depthwise convolutions and the 1x1 convolutions after them run through
 `jaxnas.ops.depthwise_pointwise`, whose formulations
@@ -23,7 +23,6 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxnas import ops
 
@@ -66,10 +65,9 @@ class StackedConv1x1(nn.Module):
     kernel = kernel[:, 0, 0].astype(x.dtype)
     if sources is None:
       return jnp.einsum('ebhwc,ecf->ebhwf', x, kernel)
-    xs = jnp.unstack(x)
-    return ops.from_sources(
-        [jnp.einsum('bhwc,ecf->ebhwf', xs[s], kernel[np.asarray(es)])
-         for s, es in ops.by_source(sources)], sources)
+    return ops.per_source(
+        x, kernel, sources,
+        lambda state, k: jnp.einsum('bhwc,ecf->ebhwf', state, k))
 
 
 class StackedDilConv(nn.Module):
