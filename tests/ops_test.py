@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxnas import ops
 from jaxnas import stacked_ops
+from jaxnas.spaces import darts
 from tests.methods import helpers
 
 C, B, H = 6, 2, 8
@@ -318,7 +319,6 @@ class LazyInitTest(absltest.TestCase):
     # A one-cell search network: the same variables jitted and eager. The
     # jitted program keeps only the initialisers (no convolution survives
     # to XLA), and it is compiled once: eager, each op is its own compile.
-    from jaxnas.spaces import darts  # pylint: disable=g-import-not-at-top
     net = darts.SearchNetwork(C=4, num_classes=5, layers=1, steps=2,
                               multiplier=2, depthwise_impl='dense')
     x = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
