@@ -338,6 +338,7 @@ def run(method_name: str, size: str, order: str = 'first', steps: int = 5,
       'jax': jax.__version__,
       'hugepages': common.HUGEPAGE_TUNABLE in os.environ.get(
           'GLIBC_TUNABLES', ''),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
   if compile_only:
     return {**info, 'peak_rss_total_bytes': rss_total}
@@ -407,6 +408,7 @@ def depthwise_table(steps: int):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  common.use_xla_flags()
   common.use_hugepages()  # may exec this process again, once
   if _DEPTHWISE_TABLE.value:
     for row in depthwise_table(_STEPS.value):

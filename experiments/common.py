@@ -40,6 +40,31 @@ def enable_compilation_cache() -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
 
 
+# XLA:CPU's YNNPACK convolution fusions off: on a 2-core AVX2 host (AMD
+# EPYC, 2026-11-25) the DARTS `small` first-order step ran 5.29-5.33 s
+# without them against 5.64 s with them, with XLA's peak at 0.86 GB against
+# 1.15 GB and the process's RSS at 1.99 GB against 2.30 GB (BENCHMARKS.md,
+# "YNNPACK fusions off"). Step time on AVX-512 hosts is unmeasured.
+YNN_OFF = '--xla_cpu_experimental_ynn_fusion_type='
+
+
+def xla_flags(environ: Mapping[str, str] = os.environ) -> str:
+  """XLA_FLAGS for the entry points: the user's, plus `YNN_OFF` unless they
+  set the YNN fusion type themselves or JAXNAS_YNN=1 keeps XLA's default."""
+  flags = environ.get('XLA_FLAGS', '')
+  if (environ.get('JAXNAS_YNN', '0') == '1'
+      or 'xla_cpu_experimental_ynn_fusion_type' in flags):
+    return flags
+  return f'{flags} {YNN_OFF}'.strip()
+
+
+def use_xla_flags() -> None:
+  """Sets `xla_flags()` in XLA_FLAGS; call before JAX starts its backend
+  (the entry points do so first thing, with `use_hugepages`, whose re-exec
+  inherits it)."""
+  os.environ['XLA_FLAGS'] = xla_flags()
+
+
 HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
 
 

@@ -91,6 +91,19 @@ def _tb_scalars(logdir):
   return out
 
 
+class XlaFlagsTest(absltest.TestCase):
+  """`common.xla_flags`: YNN fusions off unless the user chose otherwise."""
+
+  def test_adds_ynn_off_and_keeps_the_users_choices(self):
+    self.assertEqual(common.xla_flags({}), common.YNN_OFF)
+    self.assertEqual(common.xla_flags({'XLA_FLAGS': '--a=1'}),
+                     '--a=1 ' + common.YNN_OFF)
+    mine = '--xla_cpu_experimental_ynn_fusion_type=individual_dot'
+    self.assertEqual(common.xla_flags({'XLA_FLAGS': mine}), mine)
+    self.assertEqual(
+        common.xla_flags({'XLA_FLAGS': '--a=1', 'JAXNAS_YNN': '1'}), '--a=1')
+
+
 class HugePagesTest(absltest.TestCase):
   """`common.use_hugepages`: the entry points' re-exec with huge pages."""
 
