@@ -41,10 +41,10 @@ def enable_compilation_cache() -> None:
 
 
 # XLA:CPU's YNNPACK convolution fusions off: on a 2-core AVX2 host (AMD
-# EPYC, 2026-11-25) the DARTS `small` first-order step ran 5.29-5.33 s
-# without them against 5.64 s with them, with XLA's peak at 0.86 GB against
-# 1.15 GB and the process's RSS at 1.99 GB against 2.30 GB (BENCHMARKS.md,
-# "YNNPACK fusions off"). Step time on AVX-512 hosts is unmeasured.
+# EPYC, 2026-11-25), at the DARTS `small` first-order step, XLA's peak
+# memory fell from 1.15 to 0.86 GB and the process's RSS by 0.3 GB; the step
+# time moved by a few percent either way, within the run-to-run spread
+# (BENCHMARKS.md, "YNNPACK fusions off"). AVX-512 hosts are unmeasured.
 YNN_OFF = '--xla_cpu_experimental_ynn_fusion_type='
 
 
