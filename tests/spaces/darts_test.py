@@ -90,6 +90,30 @@ class DartsSpaceTest(absltest.TestCase):
                                         False)[0])
       chex.assert_shape(out, (2, out_hw, out_hw, 24))
 
+  def test_cell_gradient_has_no_per_edge_padding(self):
+    # A group's stacked mixtures [E, ...] are split into edges by one
+    # unstack (transpose: one stack). Indexing each row instead transposes
+    # to a zero-padded [E, ...] copy per edge, which XLA fused, summed, into
+    # the backward of every op of the group.
+    cell = darts.SearchCell(4, False, False, darts.uniform_edge_ops(
+        ('skip_connect', 'sep_conv_3x3')), steps=3, multiplier=3)
+    s = jnp.ones((2, 4, 4, 4))
+    w = jnp.full((9, 2), 0.5)
+    variables = jax.tree.map(  # traced only: values do not matter
+        lambda a: jnp.ones(a.shape, a.dtype),
+        jax.eval_shape(lambda: cell.init(jax.random.key(0), s, s, w, True)))
+
+    def loss(params, s0, s1):
+      out, _ = cell.apply({**variables, 'params': params}, s0, s1, w, True,
+                          mutable=['batch_stats'])
+      return out.sum()
+    jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(
+        variables['params'], s, s).jaxpr
+    edge_pads = [q for q in _all_eqns(jaxpr) if q.primitive.name == 'pad'
+                 and q.invars[0].aval.ndim == 5
+                 and tuple(q.params['padding_config'][0][:2]) != (0, 0)]
+    self.assertEmpty(edge_pads)  # 21 of them with y[m] per edge
+
   def test_network_output_and_mixing_weights_matter(self):
     net = darts.SearchNetwork(C=4, num_classes=5, layers=3)
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
