@@ -18,7 +18,9 @@ prints one JSON object:
   over the whole run, init and warm-up included (`Device.memory_stats`);
 * `hugepages`: whether glibc's malloc used transparent huge pages
   (`experiments.common.use_hugepages`, on by default on Linux;
-  `JAXNAS_HUGEPAGES=0` for the plain 4 KiB pages).
+  `JAXNAS_HUGEPAGES=0` for the plain 4 KiB pages);
+* `xla_flags`: the XLA_FLAGS it ran with (`experiments.common.xla_flags`:
+  YNNPACK convolution fusions off unless `JAXNAS_YNN=1`).
 
 `--parallel pmap --devices N` splits the batch over N devices (forced CPU
 devices: `XLA_FLAGS=--xla_force_host_platform_device_count=8`).
@@ -408,8 +410,7 @@ def depthwise_table(steps: int):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  common.use_xla_flags()
-  common.use_hugepages()  # may exec this process again, once
+  common.start_process()  # may exec this process again, once
   if _DEPTHWISE_TABLE.value:
     for row in depthwise_table(_STEPS.value):
       print(json.dumps(row), flush=True)

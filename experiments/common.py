@@ -60,8 +60,7 @@ def xla_flags(environ: Mapping[str, str] = os.environ) -> str:
 
 def use_xla_flags() -> None:
   """Sets `xla_flags()` in XLA_FLAGS; call before JAX starts its backend
-  (the entry points do so first thing, with `use_hugepages`, whose re-exec
-  inherits it)."""
+  (`start_process` does)."""
   os.environ['XLA_FLAGS'] = xla_flags()
 
 
@@ -107,6 +106,14 @@ def use_hugepages() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+
+
+def start_process() -> None:
+  """What every entry point's `main` does first, before JAX starts:
+  `use_xla_flags`, then `use_hugepages` (whose re-exec inherits the flags;
+  it may exec this process again, once)."""
+  use_xla_flags()
+  use_hugepages()
 
 
 class MetricLog:

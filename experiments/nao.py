@@ -505,8 +505,7 @@ def _define_flags():
 def main(argv, flag_values):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  common.use_xla_flags()
-  common.use_hugepages()  # may exec this process again, once
+  common.start_process()  # may exec this process again, once
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   config_flag, workdir_flag = flag_values

@@ -1098,8 +1098,7 @@ def _nb201_stages_final(config, workdir, last_ops):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  common.use_xla_flags()
-  common.use_hugepages()  # may exec this process again, once
+  common.start_process()  # may exec this process again, once
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   config = _CONFIG.value
