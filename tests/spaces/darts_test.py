@@ -6,7 +6,6 @@ import functools
 from absl.testing import absltest
 import chex
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -14,6 +13,7 @@ from jaxnas import arch as arch_lib
 from jaxnas import edges
 from jaxnas.methods import base
 from jaxnas.spaces import darts
+from tests.methods import helpers
 
 
 def _uniform(shapes):
@@ -45,14 +45,6 @@ def _loss_and_grad(net, stats, x, y):
                               1).mean()
     return ce, (logits, new['batch_stats'])
   return jax.value_and_grad(loss, (0, 1), has_aux=True)
-
-
-def _all_eqns(jaxpr):
-  """Every equation of `jaxpr` and of the jaxprs nested in it."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _all_eqns(sub)
 
 
 class DartsSpaceTest(absltest.TestCase):
@@ -109,8 +101,8 @@ class DartsSpaceTest(absltest.TestCase):
       return out.sum()
     jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(
         variables['params'], s, s).jaxpr
-    edge_pads = [q for q in _all_eqns(jaxpr) if q.primitive.name == 'pad'
-                 and q.invars[0].aval.ndim == 5
+    edge_pads = [q for q in helpers.all_eqns(jaxpr)
+                 if q.primitive.name == 'pad' and q.invars[0].aval.ndim == 5
                  and tuple(q.params['padding_config'][0][:2]) != (0, 0)]
     self.assertEmpty(edge_pads)  # 21 of them with y[m] per edge
 
@@ -192,7 +184,8 @@ class DartsSpaceTest(absltest.TestCase):
     # Every convolution and contraction runs in bfloat16 except the
     # classifier's (on float32 pooled features).
     kinds, float32_out = collections.Counter(), []
-    for eqn in _all_eqns(jax.make_jaxpr(loss_fn(bf16))(params, arch).jaxpr):
+    jaxpr = jax.make_jaxpr(loss_fn(bf16))(params, arch).jaxpr
+    for eqn in helpers.all_eqns(jaxpr):
       if eqn.primitive.name in ('conv_general_dilated', 'dot_general'):
         kinds[(eqn.primitive.name,
                tuple(str(v.aval.dtype) for v in eqn.invars))] += 1
@@ -249,7 +242,7 @@ class DartsSpaceTest(absltest.TestCase):
                           if a.dtype != jax.dtypes.float0},
                          {jnp.dtype(jnp.float32)})
         convs = collections.Counter(
-            str(eqn.invars[0].aval.dtype) for eqn in _all_eqns(
+            str(eqn.invars[0].aval.dtype) for eqn in helpers.all_eqns(
                 jax.make_jaxpr(grad)(variables, weights).jaxpr)
             if eqn.primitive.name == 'conv_general_dilated')
         self.assertEqual(set(convs), {'bfloat16'}, str(convs))
