@@ -792,35 +792,48 @@ def make_nb201_op(name: str, channels: int, affine: bool, *,
                    f'{NB201_PRIMITIVES}')
 
 
+# The initialisers run once, so their program is compiled without LLVM's
+# backend optimisations (`lazy_init`).
+_INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
+
+
 def lazy_init(module: nn.Module, key: jax.Array, *args,
-              other_rngs: Sequence[str] = (), jit: bool = True, **kwargs):
+              other_rngs: Sequence[str] = (), jit: bool = True,
+              key_impl: str = 'unsafe_rbg', **kwargs):
   """`module`'s variables from argument shapes, without running it.
 
-  `lazy_init` evaluates only the variable initialisers. They draw from an
-  'rbg' key derived from `key`: with the default threefry keys XLA compiles
-  one hash per parameter, which took ~50 s for a 3-cell supernet on a CPU
-  against ~10 s this way. The values are deterministic in `key` on one
-  backend. `other_rngs` names more rng streams the call needs (given the
-  same key).
+  `lazy_init` evaluates only the variable initialisers. Flax derives each
+  parameter's key by folding the module path's names into the given key,
+  and XLA compiles that derivation once per parameter: with JAX's default
+  threefry keys, ~50 s for a 3-cell supernet on a CPU. The initialisers
+  therefore draw from a `key_impl` key derived from `key`. The default,
+  'unsafe_rbg', folds and splits with XLA's RngBitGenerator instead of
+  threefry. It is JAX's fast key type, without threefry's guarantees for
+  derived keys, and adequate for drawing initial weights. With it the
+  bench's `small` DARTS init took 26-29 s, against 46-47 s with 'rbg',
+  whose folds are threefry (BENCHMARKS.md). The values are deterministic
+  in `key` on one backend and XLA build. Training keys are not affected.
+  `other_rngs` names more rng streams the call needs (given the same key).
 
   `jit` (default): the initialisers run as one compiled program. Run
   eagerly, flax also computes every value that depends on the parameters
   alone (the search cells' product kernels, their slices and transposes),
   and XLA compiles each of those ops and each initialiser once per shape:
   606 small compiles for the DARTS `small` supernet. Jitted, XLA drops the
-  unused values: the `small` DARTS method's init took 20.2 s against 23.8 s,
-  a one-cell C=4 network's 4.1 against 8.2 s, with the same values
-  (BENCHMARKS.md). `jit=False` suits
-  initialisers that draw on the host when their key is concrete
+  unused values. The program runs once, so it is compiled at
+  `--xla_backend_optimization_level=0`. `jit=False` suits initialisers
+  that draw on the host when their key is concrete
   (`jaxnas.spaces.nao_supernet`).
   """
   def init(key):
     init_key = jax.random.wrap_key_data(
-        jax.random.bits(key, (4,), jnp.uint32), impl='rbg')
+        jax.random.bits(key, (4,), jnp.uint32), impl=key_impl)
     rngs = {'params': init_key, **{name: init_key for name in other_rngs}}
     return module.lazy_init(rngs, *args, **kwargs)
 
-  return jax.jit(init)(key) if jit else init(key)
+  if not jit:
+    return init(key)
+  return jax.jit(init).lower(key).compile(_INIT_COMPILER_OPTIONS)(key)
 
 
 def torch_bias_init(fan_in: int):

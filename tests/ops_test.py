@@ -343,6 +343,14 @@ class LazyInitTest(absltest.TestCase):
     self.assertGreater(len(kernels), 10)
     for k in kernels:
       self.assertGreater(float(jnp.std(k)), 0.)
+      # PyTorch's default init, U(+-1/sqrt(fan_in)); a stacked kernel's
+      # leading edge axis is not part of the fan-in.
+      fan_in = np.prod(k.shape[1:-1] if k.ndim == 5 else k.shape[:-1])
+      self.assertLessEqual(float(jnp.max(jnp.abs(k))),
+                           1 / np.sqrt(fan_in) + 1e-7)
+    # The derived keys do not collide: every kernel draws its own values.
+    firsts = {tuple(np.asarray(k).ravel()[:4].tolist()) for k in kernels}
+    self.assertLen(firsts, len(kernels))
     self.assertLessEqual(compiles[0], 3)
     self.assertGreater(compiles[1], 20)
 
