@@ -821,7 +821,8 @@ def lazy_init(module: nn.Module, key: jax.Array, *args,
   and XLA compiles each of those ops and each initialiser once per shape:
   606 small compiles for the DARTS `small` supernet. Jitted, XLA drops the
   unused values. The program runs once, so it is compiled at
-  `--xla_backend_optimization_level=0`. `jit=False` suits initialisers
+  `--xla_backend_optimization_level=0` (or within the caller's program,
+  when `key` is traced). `jit=False` suits initialisers
   that draw on the host when their key is concrete
   (`jaxnas.spaces.nao_supernet`).
   """
@@ -833,6 +834,8 @@ def lazy_init(module: nn.Module, key: jax.Array, *args,
 
   if not jit:
     return init(key)
+  if isinstance(key, jax.core.Tracer):  # inside eval_shape, vmap, jit...
+    return jax.jit(init)(key)
   return jax.jit(init).lower(key).compile(_INIT_COMPILER_OPTIONS)(key)
 
 

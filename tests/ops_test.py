@@ -338,6 +338,11 @@ class LazyInitTest(absltest.TestCase):
     jax.clear_caches()
     jitted, eager = init(True), init(False)
     chex.assert_trees_all_equal(jitted, eager)
+    # Under a transformation (restoring a checkpoint takes the state's
+    # shapes this way) the key is traced: the same shapes come out.
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        jax.eval_shape(lambda k: ops.lazy_init(net, k, x, w, train=False),
+                       key), jitted)
     kernels = [v for p, v in jax.tree_util.tree_leaves_with_path(jitted)
                if 'kernel' in jax.tree_util.keystr(p)]
     self.assertGreater(len(kernels), 10)
