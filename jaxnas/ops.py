@@ -806,14 +806,16 @@ def lazy_init(module: nn.Module, key: jax.Array, *args,
   parameter's key by folding the module path's names into the given key,
   and XLA compiles that derivation once per parameter: with JAX's default
   threefry keys, ~50 s for a 3-cell supernet on a CPU. The initialisers
-  therefore draw from a `key_impl` key derived from `key`. The default,
-  'unsafe_rbg', folds and splits with XLA's RngBitGenerator instead of
-  threefry. It is JAX's fast key type, without threefry's guarantees for
-  derived keys, and adequate for drawing initial weights. With it the
-  bench's `small` DARTS init took 26-29 s, against 46-47 s with 'rbg',
-  whose folds are threefry (BENCHMARKS.md). The values are deterministic
-  in `key` on one backend and XLA build. Training keys are not affected.
-  `other_rngs` names more rng streams the call needs (given the same key).
+  therefore draw from a `key_impl` key ('unsafe_rbg' or 'rbg') derived
+  from `key`. 'rbg' draws with XLA's RngBitGenerator but still folds with
+  threefry. The default, 'unsafe_rbg', also folds and splits with
+  RngBitGenerator: JAX's fast key type, without threefry's guarantees for
+  derived keys, and adequate for drawing initial weights. With it and the
+  optimisation level below, the bench's `small` DARTS init took 28 s
+  against 44-45 s with 'rbg' at the default level, `paper` 45 s against
+  85 s (BENCHMARKS.md). The values are deterministic in `key` on one
+  backend and XLA build. Training keys are not affected. `other_rngs`
+  names more rng streams the call needs (given the same key).
 
   `jit` (default): the initialisers run as one compiled program. Run
   eagerly, flax also computes every value that depends on the parameters
@@ -826,6 +828,10 @@ def lazy_init(module: nn.Module, key: jax.Array, *args,
   that draw on the host when their key is concrete
   (`jaxnas.spaces.nao_supernet`).
   """
+  if key_impl not in ('unsafe_rbg', 'rbg'):
+    raise ValueError(f"key_impl must be 'unsafe_rbg' or 'rbg', got "
+                     f'{key_impl!r}')
+
   def init(key):
     init_key = jax.random.wrap_key_data(
         jax.random.bits(key, (4,), jnp.uint32), impl=key_impl)

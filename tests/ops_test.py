@@ -343,6 +343,8 @@ class LazyInitTest(absltest.TestCase):
     chex.assert_trees_all_equal_shapes_and_dtypes(
         jax.eval_shape(lambda k: ops.lazy_init(net, k, x, w, train=False),
                        key), jitted)
+    with self.assertRaisesRegex(ValueError, "key_impl must be 'unsafe_rbg'"):
+      ops.lazy_init(net, key, x, w, train=False, key_impl='threefry2x32')
     kernels = [v for p, v in jax.tree_util.tree_leaves_with_path(jitted)
                if 'kernel' in jax.tree_util.keystr(p)]
     self.assertGreater(len(kernels), 10)
